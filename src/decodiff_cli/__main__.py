@@ -1,0 +1,3 @@
+from decodiff_cli.cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""Configuration as plain data.
+
+Every dataclass here is written into a bundle's ``config.json``; a bundle alone says how
+to preprocess, correct and score. Defaults follow ``docs/METHOD.md`` (the paper) unless a
+comment says why they differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PreprocessConfig:
+    """Image file -> tensor. The paper resizes to 288x288 and centre-crops 256."""
+
+    image_size: int = 256  # side of the square the model sees (after the crop)
+    resize: int = 256  # side the image is first resized to; > image_size means a centre crop
+    # Why no crop by default: a crop silently hides defects near the border, which on
+    # unaligned parts (tiles, webs) is where many are. `--resize 288` gives the paper's.
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8 or self.resize < self.image_size:
+            raise ValueError(
+                f"resize ({self.resize}) must be >= image size ({self.image_size}) and both >= 8"
+            )
+
+
+@dataclass
+class ScheduleConfig:
+    """The noise schedule (METHOD.md section 2)."""
+
+    num_timesteps: int = 10
+    kind: str = "squaredcos_cap_v2"
+
+
+@dataclass
+class CorrectionConfig:
+    """Deviation correction with deterministic DDIM (METHOD.md section 5)."""
+
+    start_step: int = 8  # t of the first model call
+    num_calls: int = 5  # model calls, evenly spaced from start_step down to 0
+    strategy: str = "z_{t-1}"  # or "z0" (paper Table 3)
+
+    def timesteps(self) -> list[int]:
+        if self.num_calls < 1:
+            raise ValueError("the number of correction steps must be at least 1")
+        if self.num_calls == 1:
+            return [self.start_step]
+        span = self.start_step / (self.num_calls - 1)
+        steps = [round(self.start_step - i * span) for i in range(self.num_calls)]
+        return sorted(set(steps), reverse=True)
+
+
+@dataclass
+class MapConfig:
+    """Discrepancies -> anomaly map (METHOD.md section 6, Eq. 15)."""
+
+    combine: str = "geometric"  # geometric | arithmetic | pixel | latent
+    pixel_clip: float = 0.4
+    pixel_sigma: float = 3.0  # Gaussian blur, in pixels of the model's input
+    latent_clip: float = 0.5  # 0.2 in the paper, for SD-VAE latents * 0.18215; ours are
+    # standardised per channel (unit variance), where 0.2 saturates on normal texture.
+    latent_sigma: float = 1.0  # in latent pixels
+
+
+@dataclass
+class LatentScaling:
+    """How raw autoencoder latents are brought to roughly unit scale."""
+
+    kind: str = "channel"  # channel (per-channel mean/std of training latents) | factor | none
+    factor: float = 1.0
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class AutoencoderConfig:
+    """Which frozen autoencoder, and the architecture needed to rebuild it offline."""
+
+    spec: str = "stabilityai/sd-vae-ft-ema"  # hub id, local folder, or "pixel"
+    kind: str = ""  # kl | tiny | taesd_folder | pixel (filled in when loaded)
+    architecture: dict[str, Any] = field(default_factory=dict)
+    latent_channels: int = 0
+    downsample: int = 8
+
+
+@dataclass
+class DenoiserConfig:
+    size: str = "xs"
+    latent_channels: int = 4
+    latent_size: int = 32
+    num_classes: int = 0  # > 0: class-conditional (unified multi-category model)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    epochs: int = 0  # 0: not limiting
+    max_steps: int = 0  # 0: not limiting
+    time_budget_minutes: float = 0.0  # 0: not limiting
+    ema_decay: float = 0.995
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    augment_variants: int = 4  # encoded views per image: the original + shifted copies
+    max_shift: int = 4  # the paper's random translation, in pixels
+    hflip: bool = False
+    vflip: bool = False
+    holdout_fraction: float = 0.1
+    min_holdout: int = 3
+    mask_ratio_max: float = 0.7
+    shuffle_ratio_max: float = 0.3
+    patch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    patch_probs: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
+
+
+@dataclass
+class ModelConfig:
+    """Everything a bundle needs to score: written to ``config.json``."""
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    anomaly_map: MapConfig = field(default_factory=MapConfig)
+    latent_scaling: LatentScaling = field(default_factory=LatentScaling)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    categories: list[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    decodiff_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Rebuild from JSON; unknown keys are an error (a newer writer, or a typo)."""
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"bundle format version {version} is newer than this decodiff understands "
+                f"({FORMAT_VERSION}); upgrade decodiff"
+            )
+        return _build(cls, data, "config")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_DATACLASSES = {
+    c.__name__: c
+    for c in (
+        PreprocessConfig,
+        ScheduleConfig,
+        CorrectionConfig,
+        MapConfig,
+        LatentScaling,
+        AutoencoderConfig,
+        DenoiserConfig,
+        TrainConfig,
+    )
+}
