@@ -1,0 +1,85 @@
+"""Discrepancies between an input and its correction -> anomaly map (paper Eq. 15).
+
+Pixel discrepancy compares the *decoded* correction with the *decoded* input (not the
+input image itself), so that the autoencoder's own reconstruction error cancels out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from decodiff_cli.config import MapConfig
+
+COMBINATIONS = ("geometric", "arithmetic", "pixel", "latent")
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, 1, H, W) maps, reflect padding, radius 3 sigma."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    h, w = maps.shape[-2:]
+    pad_h, pad_w = min(radius, h - 1), min(radius, w - 1)
+    out = maps
+    if pad_w > 0:
+        out = F.conv2d(F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect"), kernel[radius - pad_w : radius + pad_w + 1].view(1, 1, 1, -1))
+    if pad_h > 0:
+        out = F.conv2d(F.pad(out, (0, 0, pad_h, pad_h), mode="reflect"), kernel[radius - pad_h : radius + pad_h + 1].view(1, 1, -1, 1))
+    return out
+
+
+def pixel_discrepancy(corrected: torch.Tensor, reconstructed: torch.Tensor, clip: float, sigma: float) -> torch.Tensor:
+    """|D(z0_hat) - D(z0)| on [0, 1] images, max over RGB, clipped and blurred. (N,3,H,W) -> (N,1,H,W)."""
+    diff = ((corrected - reconstructed).abs() / 2).amax(dim=1, keepdim=True)  # [-1,1] -> [0,1] units
+    return gaussian_blur(diff.clamp(max=clip) / clip, sigma)
+
+
+def latent_discrepancy(z0_hat: torch.Tensor, z0: torch.Tensor, clip: float, sigma: float, size: tuple[int, int]) -> torch.Tensor:
+    """|z0_hat - z0| mean over channels, clipped, blurred, upsampled to image size."""
+    diff = (z0_hat - z0).abs().mean(dim=1, keepdim=True)
+    diff = gaussian_blur(diff.clamp(max=clip) / clip, sigma)
+    return F.interpolate(diff, size=size, mode="bilinear", align_corners=False)
+
+
+def combine(pixel: torch.Tensor | None, latent: torch.Tensor | None, how: str) -> torch.Tensor:
+    if how == "geometric":
+        return (pixel * latent).clamp(min=0).sqrt()
+    if how == "arithmetic":
+        return (pixel + latent) / 2
+    if how == "pixel":
+        return pixel
+    if how == "latent":
+        return latent
+    raise ValueError(f"unknown map combination {how!r}; choose one of {', '.join(COMBINATIONS)}")
+
+
+def anomaly_maps(
+    z0: torch.Tensor,
+    z0_hat: torch.Tensor,
+    reconstructed: torch.Tensor | None,
+    corrected: torch.Tensor | None,
+    cfg: MapConfig,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """(N, H, W) maps in [0, 1]. The decoded images are only needed when the pixel term is used."""
+    pixel = latent = None
+    if cfg.combine != "latent":
+        pixel = pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma)
+    if cfg.combine != "pixel":
+        latent = latent_discrepancy(z0_hat.float(), z0.float(), cfg.latent_clip, cfg.latent_sigma, size)
+    return combine(pixel, latent, cfg.combine)[:, 0].clamp(0, 1)
+
+
+def needs_decoder(cfg: MapConfig) -> bool:
+    return cfg.combine != "latent"
+
+
+def image_scores(maps: torch.Tensor) -> torch.Tensor:
+    """Image score = the map's maximum (paper)."""
+    return maps.flatten(1).amax(dim=1)

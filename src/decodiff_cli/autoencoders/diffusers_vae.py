@@ -1,0 +1,59 @@
+"""diffusers autoencoders: ``AutoencoderKL`` (the paper's SD-VAE) and ``AutoencoderTiny`` (TAESD).
+
+Loaded from a hub id or a local diffusers folder; rebuilt offline from their config dict
+and the state dict stored in a bundle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from decodiff_cli.autoencoders.base import Autoencoder, AutoencoderUnavailable
+
+CLASSES = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny"}
+
+
+def _diffusers_class(kind: str):
+    import diffusers
+
+    return getattr(diffusers, CLASSES[kind])
+
+
+class DiffusersAutoencoder(Autoencoder):
+    def __init__(self, kind: str, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.kind = kind
+        self.vae = vae.eval().requires_grad_(False)
+        config = vae.config
+        self.latent_channels = int(config.latent_channels)
+        blocks = len(config.block_out_channels) if kind == "kl" else len(config.encoder_block_out_channels)
+        self.downsample = 2 ** (blocks - 1)
+
+    @classmethod
+    def from_pretrained(cls, kind: str, spec: str) -> "DiffusersAutoencoder":
+        try:
+            vae = _diffusers_class(kind).from_pretrained(spec)
+        except Exception as err:  # hub offline, missing folder, bad files: one sentence
+            raise AutoencoderUnavailable(
+                f"could not load the autoencoder {spec!r} ({type(err).__name__}); without network "
+                "access use --autoencoder pixel (no download), a folder with a *_encoder.pth / "
+                "*_decoder.pth pair such as ../shared/weights/taef2, or a local diffusers folder"
+            ) from None
+        return cls(kind, vae.float())
+
+    @classmethod
+    def from_architecture(cls, kind: str, architecture: dict[str, Any]) -> "DiffusersAutoencoder":
+        return cls(kind, _diffusers_class(kind).from_config(architecture["config"]))
+
+    def architecture(self) -> dict[str, Any]:
+        return {"config": {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}}
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.kind == "kl":
+            return self.vae.encode(images).latent_dist.mean  # the mean at test time (paper)
+        return self.vae.encode(images).latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents).sample.clamp(-1, 1)

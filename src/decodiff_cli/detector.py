@@ -1,0 +1,192 @@
+"""The public Python API: load a bundle once, then score and localise images.
+
+    from decodiff_cli import Detector
+    detector = Detector.load("model/")
+    for result in detector.predict(["part1.png", "part2.png"]):
+        print(result.path, result.score, result.is_anomalous)
+        mask = result.mask  # bool (H, W) at the image's own resolution
+
+Inputs are paths, PIL images or numpy arrays. A file that cannot be read gives a result
+with ``error`` set (and no map) instead of stopping the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from decodiff_cli.bundle import Bundle, load_networks, read_bundle
+from decodiff_cli.images import ImageReadError, ImageSource, load_image, map_to_original
+from decodiff_cli.model import DecoDiffModel, Inference
+
+
+@dataclass
+class Prediction:
+    path: str | None
+    category: str | None = None
+    score: float = float("nan")  # raw image score: the map's maximum
+    threshold: float = float("nan")  # calibrated (or overridden) image threshold
+    pixel_threshold: float = float("nan")
+    anomaly_map: np.ndarray | None = None  # float32 (H, W) in [0, 1], original resolution
+    original: Image.Image | None = None
+    corrected: Image.Image | None = None  # the model's "normal" version of the image
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def normalized_score(self) -> float:
+        """score / threshold: 1.0 is the decision boundary."""
+        return self.score / self.threshold if self.threshold > 0 else float("nan")
+
+    @property
+    def is_anomalous(self) -> bool:
+        return bool(self.error is None and self.score >= self.threshold)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        return None if self.anomaly_map is None else self.anomaly_map >= self.pixel_threshold
+
+
+class Detector:
+    def __init__(self, bundle: Bundle, model: DecoDiffModel, batch_size: int = 8) -> None:
+        self.bundle = bundle
+        self.model = model
+        self.batch_size = max(1, batch_size)
+        self.categories = list(bundle.config.categories)
+        self.thresholds: dict[str, dict] = dict(bundle.calibration.get("categories", {}))
+
+    @classmethod
+    def load(cls, bundle_path: str | Path, device: str = "auto", dtype: str = "fp32", batch_size: int = 8) -> "Detector":
+        bundle = read_bundle(Path(bundle_path))
+        autoencoder, denoiser = load_networks(bundle)
+        return cls(bundle, DecoDiffModel(bundle.config, autoencoder, denoiser, device, dtype), batch_size)
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.bundle.config.denoiser.num_classes > 0
+
+    def check_category(self, name: str) -> str:
+        if name not in self.categories:
+            raise ValueError(f"unknown class {name!r}; this model knows: {', '.join(self.categories)}")
+        return name
+
+    def category_from_path(self, path: str | None) -> str | None:
+        """A category named by a folder of the path (MVTec layout: <category>/test/...)."""
+        if path is None or len(self.categories) == 1:
+            return self.categories[0] if len(self.categories) == 1 else None
+        parts = Path(path).parts[:-1]
+        for part in reversed(parts):
+            if part in self.categories:
+                return part
+        return None
+
+    def infer(self, tensors: torch.Tensor, category: str | None, steps: int | None = None, keep_corrected: bool = False) -> Inference:
+        """Model-space inference for one category; None = pick, per image, the category
+        under which the image looks most normal (lowest score / threshold)."""
+        if category is not None:
+            labels = self._labels(category, len(tensors))
+            return self.model.infer(tensors, labels, steps, keep_corrected)
+        runs = {name: self.infer(tensors, name, steps, keep_corrected) for name in self._candidates()}
+        names = list(runs)
+        normalized = torch.stack([runs[n].scores / self._threshold(n, "image_threshold") for n in names])
+        best = normalized.argmin(dim=0)
+        pick = lambda attr: torch.stack([getattr(runs[names[b]], attr)[i] for i, b in enumerate(best.tolist())])  # noqa: E731
+        merged = Inference(maps=pick("maps"), scores=pick("scores"), corrected=pick("corrected") if keep_corrected else None)
+        merged.timings = {k: sum(r.timings.get(k, 0.0) for r in runs.values()) for k in runs[names[0]].timings}
+        merged.categories = [names[b] for b in best.tolist()]  # type: ignore[attr-defined]
+        return merged
+
+    def _candidates(self) -> list[str]:
+        return self.categories
+
+    def _labels(self, category: str, n: int) -> torch.Tensor | None:
+        if not self.class_conditional:
+            return None
+        return torch.full((n,), self.categories.index(self.check_category(category)), dtype=torch.long)
+
+    def _threshold(self, category: str, key: str) -> float:
+        try:
+            return float(self.thresholds[category][key])
+        except KeyError:
+            raise ValueError(f"the bundle has no calibrated {key.replace('_', ' ')} for class {category!r}; "
+                             "run `decodiff calibrate` or pass --threshold") from None
+
+    def predict(
+        self,
+        sources: Iterable[ImageSource],
+        category: str | None = None,
+        steps: int | None = None,
+        keep_corrected: bool = False,
+        threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> Iterator[Prediction]:
+        """Yield one Prediction per source, in order, batching internally."""
+        if category is not None:
+            self.check_category(category)
+        batch: list[tuple[ImageSource, object]] = []
+        for source in sources:
+            batch.append((source, None))
+            if len(batch) == self.batch_size:
+                yield from self._predict_batch(batch, category, steps, keep_corrected, threshold, pixel_threshold)
+                batch = []
+        if batch:
+            yield from self._predict_batch(batch, category, steps, keep_corrected, threshold, pixel_threshold)
+
+    def _predict_batch(self, batch, category, steps, keep_corrected, threshold, pixel_threshold) -> Iterator[Prediction]:
+        pre = self.bundle.config.preprocess
+        loaded: list = []
+        for source, _ in batch:
+            path = str(source) if isinstance(source, (str, Path)) else None
+            try:
+                loaded.append((path, load_image(source, pre), None))
+            except ImageReadError as err:
+                loaded.append((path, None, str(err)))
+        good = [(path, image) for path, image, error in loaded if error is None]
+        # Group by category so every forward pass has one class (and one threshold).
+        results: dict[int, Prediction] = {}
+        groups: dict[str | None, list[int]] = {}
+        for index, (path, image) in enumerate(good):
+            groups.setdefault(category or self.category_from_path(path), []).append(index)
+        for name, members in groups.items():
+            tensors = torch.stack([good[i][1].tensor for i in members])
+            out = self.infer(tensors, name, steps, keep_corrected)
+            chosen = getattr(out, "categories", [name] * len(members))
+            for row, i in enumerate(members):
+                path, image = good[i]
+                results[i] = self._prediction(path, image, out, row, chosen[row], threshold, pixel_threshold)
+                results[i].timings = {k: v / len(members) for k, v in out.timings.items()}
+        it = iter(range(len(good)))
+        for path, image, error in loaded:
+            yield Prediction(path=path, error=error) if error is not None else results[next(it)]
+
+    def _prediction(self, path, image, out: Inference, row: int, category: str, threshold, pixel_threshold) -> Prediction:
+        pre = self.bundle.config.preprocess
+        amap = map_to_original(out.maps[row].numpy(), image.original_size, pre)
+        corrected = None
+        if out.corrected is not None:
+            pixels = ((out.corrected[row].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            corrected = Image.fromarray(pixels).resize(image.original_size, Image.Resampling.BICUBIC)
+        return Prediction(
+            path=path,
+            category=category,
+            score=float(out.scores[row]),
+            threshold=threshold if threshold is not None else self._threshold(category, "image_threshold"),
+            pixel_threshold=pixel_threshold if pixel_threshold is not None else self._threshold(category, "pixel_threshold"),
+            anomaly_map=amap,
+            original=image.original,
+            corrected=corrected,
+        )
+
+
+def predict_maps(detector: Detector, tensors: Sequence[torch.Tensor], category: str, steps: int | None = None) -> np.ndarray:
+    """Model-space maps (N, S, S) for already-preprocessed tensors (benchmarks, calibration)."""
+    maps = []
+    for start in range(0, len(tensors), detector.batch_size):
+        chunk = torch.stack(list(tensors[start : start + detector.batch_size]))
+        maps.append(detector.infer(chunk, category, steps).maps.numpy())
+    return np.concatenate(maps) if maps else np.zeros((0, 0, 0), np.float32)

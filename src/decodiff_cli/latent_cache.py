@@ -1,0 +1,123 @@
+"""Encode each training image once (per augmentation view) and train on cached latents.
+
+The autoencoder is frozen, so running it on every step would only repeat work: with
+TAEF2 on a CPU, encoding costs more than the denoiser's own step. Each image is encoded
+in ``augment_variants`` views: the original plus copies shifted by up to ``max_shift``
+pixels (the paper's random translation), flipped where asked. A training step picks one
+view per image at random.
+
+Small caches live in RAM; caches larger than ``ram_limit_bytes`` are written to an .npy
+file in the work folder and memory-mapped, so datasets larger than RAM still train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from decodiff_cli.autoencoders import Autoencoder
+from decodiff_cli.config import PreprocessConfig, TrainConfig
+
+RAM_LIMIT_BYTES = 4 << 30
+
+
+@dataclass
+class LatentCache:
+    latents: np.ndarray | torch.Tensor  # (N, V, C, h, w) float16 raw latents
+    on_disk: bool
+
+    @property
+    def num_images(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.latents.shape)) * 2
+
+    def batch(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """Raw float32 latents of the given (image, view) pairs."""
+        if self.on_disk:
+            rows = [torch.from_numpy(np.asarray(self.latents[i, v])) for i, v in zip(images.tolist(), views.tolist())]
+            return torch.stack(rows).float()
+        return self.latents[images, views].float()
+
+
+def augmented_views(image: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """(3, S, S) -> (V, 3, S, S): view 0 is the image itself, the others shifted/flipped."""
+    views = [image]
+    size = image.shape[-1]
+    pad = cfg.max_shift
+    padded = F.pad(image[None], (pad, pad, pad, pad), mode="replicate")[0] if pad else image
+    for _ in range(cfg.augment_variants - 1):
+        dy, dx = (torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist() if pad else (0, 0))
+        view = padded[:, dy : dy + size, dx : dx + size]
+        if cfg.hflip and torch.rand(1, generator=generator) < 0.5:
+            view = view.flip(-1)
+        if cfg.vflip and torch.rand(1, generator=generator) < 0.5:
+            view = view.flip(-2)
+        views.append(view)
+    return torch.stack(views)
+
+
+def cache_key(paths: Sequence[Path], pre: PreprocessConfig, cfg: TrainConfig, autoencoder_spec: str) -> str:
+    """Identifies a cache: same files, geometry, views and autoencoder -> same latents."""
+    parts = {
+        "files": [str(p) for p in paths],
+        "pre": [pre.image_size, pre.resize],
+        "views": [cfg.augment_variants, cfg.max_shift, cfg.hflip, cfg.vflip, cfg.seed],
+        "autoencoder": autoencoder_spec,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_cache(
+    images: Sequence[torch.Tensor] | Callable[[int], torch.Tensor],
+    count: int,
+    autoencoder: Autoencoder,
+    cfg: TrainConfig,
+    device: torch.device,
+    folder: Path | None = None,
+    key: str = "",
+    ram_limit_bytes: int = RAM_LIMIT_BYTES,
+    progress: Callable[[int, int], None] | None = None,
+) -> LatentCache:
+    """Encode ``count`` images (a list, or a function index -> (3, S, S) tensor)."""
+    get = images if callable(images) else images.__getitem__
+    generator = torch.Generator().manual_seed(cfg.seed)
+    first = get(0)
+    side = first.shape[-1] // autoencoder.downsample
+    shape = (count, cfg.augment_variants, autoencoder.latent_channels, side, side)
+    nbytes = int(np.prod(shape)) * 2
+    on_disk = folder is not None and nbytes > ram_limit_bytes
+    if on_disk:
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / f"latents-{key}.npy"
+        done = folder / f"latents-{key}.done"
+        if file.is_file() and done.is_file():  # a finished cache from an earlier (resumed) run
+            return LatentCache(np.load(file, mmap_mode="r"), on_disk=True)
+        store: np.ndarray | torch.Tensor = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
+    else:
+        store = torch.empty(shape, dtype=torch.float16)
+    for index in range(count):
+        image = first if index == 0 else get(index)
+        views = augmented_views(image, cfg, generator).to(device)
+        latents = autoencoder.encode(views).float().cpu().to(torch.float16)
+        if on_disk:
+            store[index] = latents.numpy()
+        else:
+            store[index] = latents
+        if progress is not None:
+            progress(index + 1, count)
+    if on_disk:
+        store.flush()
+        done.write_text("ok\n")
+        return LatentCache(np.load(file, mmap_mode="r"), on_disk=True)
+    return LatentCache(store, on_disk=False)

@@ -1,0 +1,42 @@
+"""Raw autoencoder latents <-> the unit-scale latents the diffusion model works in.
+
+The schedule assumes latents of roughly unit variance (SD's 0.18215 factor exists for
+this). Different autoencoders need different factors, so by default we standardise each
+channel with statistics of the training latents, and store them in the bundle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decodiff_cli.config import LatentScaling
+
+KINDS = ("channel", "factor", "none")
+
+
+def fit_scaling(latents: torch.Tensor, kind: str = "channel", factor: float = 1.0) -> LatentScaling:
+    """latents: (N, C, h, w) raw training latents."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown latent scaling {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind != "channel":
+        return LatentScaling(kind=kind, factor=factor if kind == "factor" else 1.0)
+    flat = latents.transpose(0, 1).reshape(latents.shape[1], -1).double()
+    std = flat.std(dim=1).clamp(min=1e-6)  # a dead channel must not divide by zero
+    return LatentScaling(kind="channel", mean=flat.mean(dim=1).tolist(), std=std.tolist())
+
+
+class LatentScaler:
+    def __init__(self, cfg: LatentScaling) -> None:
+        self.cfg = cfg
+        if cfg.kind == "channel":
+            self.shift = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
+            self.scale = 1 / torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
+        else:
+            self.shift = torch.zeros(1, 1, 1, 1)
+            self.scale = torch.full((1, 1, 1, 1), cfg.factor if cfg.kind == "factor" else 1.0)
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.shift.to(raw)) * self.scale.to(raw)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale.to(z) + self.shift.to(z)

@@ -1,0 +1,131 @@
+"""The inference path in one place: tensor -> latent -> corrected latent -> anomaly map.
+
+``DecoDiffModel`` holds the frozen autoencoder, the latent scaler and the denoiser, and
+runs a batch through encode -> deviation correction -> decode -> map, timing each stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from decodiff_cli.anomaly_map import anomaly_maps, image_scores, needs_decoder
+from decodiff_cli.autoencoders import Autoencoder
+from decodiff_cli.config import ModelConfig
+from decodiff_cli.denoiser import Denoiser
+from decodiff_cli.deviation import alpha_bars, correct
+from decodiff_cli.latents import LatentScaler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Inference:
+    maps: torch.Tensor  # (N, S, S) in [0, 1], in the model's input geometry
+    scores: torch.Tensor  # (N,) image scores: map maxima
+    corrected: torch.Tensor | None  # (N, 3, S, S) in [-1, 1]: D(z0_hat), the "normal" image
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, whole batch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but no CUDA device is available; use --device cpu")
+    return dev
+
+
+class DecoDiffModel:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        autoencoder: Autoencoder,
+        denoiser: Denoiser,
+        device: str | torch.device = "cpu",
+        dtype: str = "fp32",
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        if dtype == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 inference needs a GPU; use bf16 on a CPU")
+        self.cfg = cfg
+        self.dtype = dtype
+        self.autoencoder = autoencoder.to(self.device).eval()
+        self.denoiser = denoiser.to(self.device).eval()
+        self.scaler = LatentScaler(cfg.latent_scaling)
+        self.abar = alpha_bars(cfg.schedule.num_timesteps, cfg.schedule.kind)
+
+    def _autocast(self):
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) in [-1, 1] -> normalised latents z0 (float32)."""
+        with self._autocast():
+            raw = self.autoencoder.encode(images.to(self.device))
+        return self.scaler.normalize(raw.float())
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.autoencoder.decode(self.scaler.denormalize(z)).float()
+
+    @torch.no_grad()
+    def infer(
+        self,
+        images: torch.Tensor,
+        class_ids: torch.Tensor | None = None,
+        num_calls: int | None = None,
+        keep_corrected: bool = False,
+    ) -> Inference:
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            self._sync()
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - clock
+            clock = now
+
+        z0 = self.encode(images)
+        lap("encode")
+
+        labels = class_ids.to(self.device) if class_ids is not None else None
+
+        def eps_theta(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.denoiser(z_t, t, labels).float()
+
+        correction = self.cfg.correction
+        if num_calls is not None:
+            from dataclasses import replace
+
+            correction = replace(correction, num_calls=num_calls)
+        z0_hat = correct(eps_theta, z0, self.abar, correction.timesteps(), correction.strategy)
+        lap("denoiser")
+
+        reconstructed = corrected = None
+        if needs_decoder(self.cfg.anomaly_map) or keep_corrected:
+            both = self.decode(torch.cat([z0, z0_hat]))
+            reconstructed, corrected = both.chunk(2)
+        lap("decode")
+
+        maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:])
+        scores = image_scores(maps)
+        lap("map")
+        return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if keep_corrected else None, timings=timings)
