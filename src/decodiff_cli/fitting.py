@@ -20,7 +20,7 @@ import torch
 from decodiff_cli import __version__
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
-from decodiff_cli.calibration import make_calibration, normal_thresholds, subsample_pixels
+from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.images import ImageReadError, load_image
 from decodiff_cli.latent_cache import build_cache, cache_key
@@ -76,6 +76,7 @@ def fit(
     resume: bool = False,
     strict: bool = False,
     class_conditional: bool | None = None,
+    anomalous: list[Path] | None = None,
     accelerator=None,
     on_event: Event | None = None,
 ) -> FitResult:
@@ -151,7 +152,13 @@ def fit(
     calibration: dict[str, Any] = {}
     if main:
         emit("calibrate", {"images": sum(map(len, holdout.values()))})
-        calibration = calibrate_tensors(cfg, autoencoder, result.denoiser_state, holdout, accelerator.device)
+        from decodiff_cli.denoiser import Denoiser
+        from decodiff_cli.model import DecoDiffModel
+
+        denoiser = Denoiser(cfg.denoiser)
+        denoiser.load_state_dict(result.denoiser_state)
+        model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device)
+        calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
                      overwrite=overwrite or resume)
         shutil.rmtree(work, ignore_errors=True)
@@ -160,23 +167,80 @@ def fit(
                      skipped=skipped, calibration=calibration)
 
 
-def calibrate_tensors(cfg: ModelConfig, autoencoder, denoiser_state, holdout: dict[str, list[torch.Tensor]],
-                      device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Thresholds per category from the held-out normal images (see calibration.py)."""
-    from decodiff_cli.denoiser import Denoiser
-    from decodiff_cli.model import DecoDiffModel
+def mvtec_mask(path: Path) -> Path | None:
+    """MVTec layout: <cat>/test/<defect>/<id>.png -> <cat>/ground_truth/<defect>/<id>_mask.png."""
+    candidate = path.parent.parent.parent / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+    return candidate if candidate.is_file() else None
 
-    denoiser = Denoiser(cfg.denoiser)
-    denoiser.load_state_dict(denoiser_state)
-    model = DecoDiffModel(cfg, autoencoder, denoiser, torch.device(device))
-    per_category = {}
-    for index, (name, tensors) in enumerate(sorted(holdout.items())):
+
+def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str]) -> dict[str, list[tuple[torch.Tensor, np.ndarray | None]]]:
+    """Labelled anomalies per category (from the path, or the only category), with masks if found."""
+    from decodiff_cli.images import mask_to_model_space
+
+    result: dict[str, list] = {}
+    for path in paths:
+        names = [part for part in path.parts if part in categories]
+        if not names and len(categories) > 1:
+            raise ValueError(f"{path}: cannot tell which class this anomaly belongs to (no class folder in its path)")
+        mask_path = mvtec_mask(path)
+        mask = mask_to_model_space(mask_path, cfg.preprocess) if mask_path else None
+        result.setdefault(names[-1] if names else categories[0], []).append((load_image(path, cfg.preprocess).tensor, mask))
+    return result
+
+
+def calibrate_model(model, holdout: dict[str, list[torch.Tensor]],
+                    anomalous: dict[str, list[tuple[torch.Tensor, np.ndarray | None]]] | None = None) -> dict[str, Any]:
+    """Thresholds per category from held-out normals (and labelled anomalies, if any)."""
+    categories = model.cfg.categories
+    anomalous = anomalous or {}
+
+    def run(name: str, tensors: list[torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray]]:
         scores, maps = [], []
         for start in range(0, len(tensors), 8):
             chunk = torch.stack(tensors[start : start + 8])
-            labels = torch.full((len(chunk),), index) if cfg.denoiser.num_classes else None
-            run = model.infer(chunk, labels)
-            scores.append(run.scores.numpy())
-            maps += list(run.maps.numpy())
-        per_category[name] = normal_thresholds(np.concatenate(scores), subsample_pixels(maps))
+            labels = torch.full((len(chunk),), categories.index(name)) if model.cfg.denoiser.num_classes else None
+            out = model.infer(chunk, labels)
+            scores.append(out.scores.numpy())
+            maps += list(out.maps.numpy())
+        return np.concatenate(scores), maps
+
+    per_category = {}
+    for name, tensors in sorted(holdout.items()):
+        if not tensors:
+            raise ValueError(f"class {name!r}: no normal images to calibrate with")
+        scores, maps = run(name, tensors)
+        normal_pixels = subsample_pixels(maps)
+        if not anomalous.get(name):
+            per_category[name] = normal_thresholds(scores, normal_pixels)
+            continue
+        bad_scores, bad_maps = run(name, [t for t, _ in anomalous[name]])
+        masked = [(m, mask) for m, (_, mask) in zip(bad_maps, anomalous[name]) if mask is not None]
+        pixel_scores = pixel_labels = None
+        if masked:
+            pixel_scores = np.concatenate([subsample_pixels(maps)] + [m.ravel() for m, _ in masked])
+            pixel_labels = np.concatenate([np.zeros(pixel_scores.size - sum(m.size for m, _ in masked), bool)]
+                                          + [k.ravel() for _, k in masked])
+        per_category[name] = labelled_thresholds(scores, normal_pixels, bad_scores, pixel_scores, pixel_labels)
     return make_calibration(per_category)
+
+
+def recalibrate(bundle_path: Path, normal: dict[str, list[Path]], anomalous: list[str], device: str = "auto") -> dict[str, Any]:
+    """`decodiff calibrate`: new thresholds for an existing bundle, no retraining."""
+    from decodiff_cli.bundle import write_calibration
+    from decodiff_cli.detector import Detector
+
+    detector = Detector.load(bundle_path, device=device)
+    cfg = detector.bundle.config
+    holdout: dict[str, list[torch.Tensor]] = {}
+    for name, paths in normal.items():
+        if name not in cfg.categories:
+            if len(cfg.categories) > 1:
+                raise ValueError(f"class {name!r} is not in this model ({', '.join(cfg.categories)})")
+            name = cfg.categories[0]
+        usable, tensors, _ = load_usable(paths, cfg, strict=False)
+        holdout.setdefault(name, []).extend(tensors)
+    calibration = calibrate_model(detector.model, holdout, load_anomalous([Path(p) for p in anomalous], cfg, cfg.categories))
+    previous = detector.bundle.calibration.get("categories", {})
+    calibration["categories"] = {**previous, **calibration["categories"]}
+    write_calibration(bundle_path, calibration)
+    return calibration

@@ -1,0 +1,401 @@
+"""A labelled test set -> the paper's seven metrics per category, and reports of them.
+
+Datasets: an MVTec AD root (``<root>/<category>/test/<defect>/*.png``, masks at
+``<root>/<category>/ground_truth/<defect>/<stem>_mask.png``, ``good`` = normal), one
+such category folder, or a VisA root with ``split_csv/1cls.csv``.
+
+Protocols (METHOD.md section 7): ``paper`` resizes to 288x288 and centre-crops 256x256,
+as the paper's tables do (border defects outside the crop are not scored); ``full``
+resizes the whole image to 256x256.
+
+Maps come from a folder in MVTec's evaluation layout, ``DIR/<category>/test/<defect>/
+<stem>.tiff`` (or ``.npy``), or from a ``predict(paths, category)`` callable yielding
+one map per path in protocol space. A map file of exactly 256x256 is taken to be in
+protocol space already; any other size is taken to cover the whole image and gets the
+image's transform (bilinear). The image score is the map's maximum.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .metrics import METRIC_KEYS, Curve, compute_metrics
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+PROTOCOLS = {"paper": (288, 256), "full": (256, 256)}  # name -> (resize side, crop side)
+NORMAL = "good"  # the normal "defect" folder; VisA's normal/anomaly become good/bad
+Predict = Callable[[list[Path], str], Iterable[np.ndarray]]
+Progress = Callable[[str, int, int], None]  # (category, maps done, maps in category)
+
+
+@dataclass
+class Sample:
+    image: Path
+    mask: Path | None  # None for normal images
+    defect: str  # folder name under test/; "good" for normal images
+    label: int  # 1 = anomalous
+
+
+@dataclass
+class Category:
+    name: str
+    samples: list[Sample]
+
+
+# --------------------------------------------------------------------------- discovery
+def discover(root: Path, categories: Sequence[str] | None = None) -> list[Category]:
+    """Find the test images and masks of every (selected) category under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"dataset folder {root} does not exist")
+    if (root / "split_csv" / "1cls.csv").is_file():
+        found = _discover_visa(root, root / "split_csv" / "1cls.csv")
+    elif (root / "test").is_dir():
+        found = {root.name: root}
+    else:
+        found = {p.name: p for p in sorted(root.iterdir()) if (p / "test").is_dir()}
+        if not found:
+            raise ValueError(f"no dataset found in {root}: expected <category>/test/<defect>/"
+                             f"images (MVTec AD), a test/ folder, or split_csv/1cls.csv (VisA)")
+    names = list(found) if not categories else list(dict.fromkeys(categories))
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"category {', '.join(missing)} not found in {root}; "
+                         f"available: {', '.join(found)}")
+    out = []
+    for name in names:
+        entry = found[name]  # a Category (VisA, already read) or a category folder
+        cat = entry if isinstance(entry, Category) else _mvtec_category(entry, name)
+        if not cat.samples:
+            raise ValueError(f"no test images for category {name} in {root}")
+        out.append(cat)
+    return out
+
+
+def _mvtec_category(folder: Path, name: str) -> Category:
+    samples = []
+    for defect_dir in sorted(p for p in (folder / "test").iterdir() if p.is_dir()):
+        defect = defect_dir.name
+        for image in sorted(p for p in defect_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+            mask = None
+            if defect != NORMAL:
+                gt = folder / "ground_truth" / defect
+                options = [gt / f"{image.stem}_mask.png", gt / f"{image.stem}.png"]
+                mask = next((m for m in options if m.is_file()), None)
+                if mask is None:
+                    raise ValueError(f"mask missing for defective image {image}: "
+                                     f"expected {options[0]}")
+            samples.append(Sample(image, mask, defect, int(defect != NORMAL)))
+    return Category(name, samples)
+
+
+def _discover_visa(root: Path, split: Path) -> dict[str, Category]:
+    cats: dict[str, Category] = {}
+    with open(split, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["split"].strip() != "test":
+                continue
+            name, anomalous = row["object"].strip(), row["label"].strip() == "anomaly"
+            mask = root / row["mask"].strip() if anomalous else None
+            if anomalous and (not row["mask"].strip() or not mask.is_file()):
+                raise ValueError(f"mask missing for defective image {root / row['image']}: "
+                                 f"expected {mask}")
+            image = root / row["image"].strip()
+            if not image.is_file():
+                raise ValueError(f"image {image}, listed in {split}, does not exist")
+            sample = Sample(image, mask, "bad" if anomalous else NORMAL, int(anomalous))
+            cats.setdefault(name, Category(name, [])).samples.append(sample)
+    return cats
+
+
+# --------------------------------------------------------------------------- loading
+def load_mask(path: Path) -> np.ndarray:
+    """A ground-truth mask as bool at its own resolution: > half of its value range.
+
+    The range is the pixel type's (255 for 8-bit, 65535 for 16-bit, 1 for float), except
+    that masks coded 0/1 use 1, so they are not read as empty. Palette and colour masks
+    use the brightest channel of each pixel's colour, not the palette index.
+    """
+    with Image.open(path) as im:
+        if im.mode == "1":
+            return np.array(im, dtype=bool)
+        if im.mode in ("P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV", "LAB"):
+            im = im.convert("RGB")
+        if im.mode == "LA":
+            im = im.getchannel("L")
+        a = np.asarray(im)
+    if a.ndim == 3:
+        a = a.max(axis=2)
+    full = 1.0 if a.dtype.kind == "f" else 255.0 if a.dtype == np.uint8 else 65535.0
+    if a.size and a.max() <= 1:
+        full = 1.0
+    return a > full / 2
+
+
+def load_map(path: Path) -> np.ndarray:
+    """A stored anomaly map (float TIFF, Pillow mode 'F', or .npy) as float32 (H, W)."""
+    if path.suffix.lower() == ".npy":
+        a = np.squeeze(np.load(path))
+    else:
+        with Image.open(path) as im:
+            a = np.asarray(im if im.mode == "F" else im.convert("F"))
+    if a.ndim != 2:
+        raise ValueError(f"anomaly map {path} has shape {a.shape}; expected one 2-D map")
+    return a.astype(np.float32)
+
+
+def to_protocol(a: np.ndarray, protocol: str) -> np.ndarray:
+    """Resize a whole-image float array bilinearly (and centre-crop) like the images."""
+    resize, crop = _sides(protocol)
+    im = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32))
+    im = im.resize((resize, resize), Image.Resampling.BILINEAR)
+    off = (resize - crop) // 2
+    return np.asarray(im, dtype=np.float32)[off:off + crop, off:off + crop]
+
+
+def _sides(protocol: str) -> tuple[int, int]:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[protocol]
+
+
+def _protocol_mask(sample: Sample, protocol: str) -> np.ndarray:
+    crop = _sides(protocol)[1]
+    if sample.mask is None:
+        return np.zeros((crop, crop), dtype=bool)
+    mask = load_mask(sample.mask)
+    with Image.open(sample.image) as im:
+        width, height = im.size  # header only: the pixels are never decoded here
+    if mask.shape != (height, width):
+        raise ValueError(f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but its "
+                         f"image {sample.image} is {width}x{height}")
+    # Interpolate the 0/1 mask like an image, then binarise at half its range.
+    return to_protocol(mask.astype(np.float32), protocol) > 0.5
+
+
+def _stored_map(maps_dir: Path, category: str, sample: Sample, protocol: str) -> np.ndarray:
+    base = Path(maps_dir) / category / "test" / sample.defect / sample.image.stem
+    path = next((base.with_suffix(s) for s in (".tiff", ".tif", ".npy")
+                 if base.with_suffix(s).is_file()), None)
+    if path is None:
+        raise ValueError(f"no anomaly map for {sample.image}: expected {base}.tiff or .npy")
+    a = load_map(path)
+    crop = _sides(protocol)[1]
+    return a if a.shape == (crop, crop) else to_protocol(a, protocol)
+
+
+# --------------------------------------------------------------------------- evaluation
+@dataclass
+class BenchmarkResult:
+    protocol: str
+    categories: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    curves: dict[str, dict[str, Curve]] = field(default_factory=dict)
+    speed: dict[str, float] = field(default_factory=dict)  # filled in by the caller
+
+    @property
+    def mean(self) -> dict[str, float]:
+        """Mean over the categories where each metric is defined (NaN if none)."""
+        out = {}
+        for key in METRIC_KEYS:
+            vals = [v[key] for v in self.categories.values() if not math.isnan(v[key])]
+            out[key] = float(np.mean(vals)) if vals else float("nan")
+        return out
+
+    def to_dict(self) -> dict:
+        def clean(d):  # JSON has no NaN: undefined metrics are null
+            return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                    for k, v in d.items()}
+        return {"protocol": self.protocol,
+                "categories": {n: clean(v) for n, v in self.categories.items()},
+                "mean": clean(self.mean), "speed": clean(self.speed), "notes": self.notes}
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def rows(self) -> list[tuple[str, list[str]]]:
+        """(name, formatted cells) per category and the mean, in percent like the paper."""
+        def fmt(d):
+            return ["n/a" if math.isnan(d[k]) else f"{100 * d[k]:.1f}" for k in METRIC_KEYS]
+
+        return [(n, fmt(v)) for n, v in self.categories.items()] + [("mean", fmt(self.mean))]
+
+    def to_markdown(self) -> str:
+        lines = ["| category | " + " | ".join(HEADERS) + " |",
+                 "|---|" + "---:|" * len(HEADERS)]
+        lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in self.rows()]
+        return "\n".join(lines) + "\n"
+
+    def rich_table(self, title: str | None = None):
+        from rich.table import Table  # imported here: only the terminal report needs it
+
+        table = Table(title=title or f"DeCo-Diff benchmark ({self.protocol} protocol, %)")
+        table.add_column("category")
+        for h in HEADERS:
+            table.add_column(h, justify="right")
+        rows = self.rows()
+        for i, (name, cells) in enumerate(rows):
+            table.add_row(name, *cells, end_section=i == len(rows) - 2)
+        return table
+
+    def write_plots(self, directory: Path) -> list[Path]:
+        """One PNG per category with its ROC, PR and PRO curves; returns the paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, curves in self.curves.items():
+            path = directory / f"{name}_curves.png"
+            draw_curves(name, curves, self.categories[name]).save(path)
+            paths.append(path)
+        return paths
+
+
+HEADERS = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
+
+
+def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
+             protocol: str = "paper", maps_dir: Path | None = None,
+             predict: Predict | None = None, progress: Progress | None = None,
+             curve_points: int = 300) -> BenchmarkResult:
+    """Score every test image of every category and compute the seven metrics.
+
+    Give exactly one of ``maps_dir`` (stored maps) or ``predict`` (a callable that owns
+    the model and its batching). Maps live for one category at a time, in float32.
+    """
+    if (maps_dir is None) == (predict is None):
+        raise ValueError("give exactly one source of anomaly maps: a maps folder or a model")
+    crop = _sides(protocol)[1]
+    result = BenchmarkResult(protocol)
+    for cat in discover(dataset, categories):
+        # Ground truth first: a bad mask should fail before any model time is spent.
+        masks = np.stack([_protocol_mask(s, protocol) for s in cat.samples])
+        maps = np.empty(masks.shape, dtype=np.float32)
+        stream = (predict([s.image for s in cat.samples], cat.name) if predict else
+                  (_stored_map(maps_dir, cat.name, s, protocol) for s in cat.samples))
+        count, total = 0, len(cat.samples)
+        for count, a in enumerate(stream, 1):
+            if count > total:
+                raise ValueError(f"the model gave more than {total} anomaly maps for the "
+                                 f"{total} test images of {cat.name}")
+            a = np.asarray(a, dtype=np.float32).squeeze()
+            if a.shape != (crop, crop):
+                raise ValueError(f"anomaly map for {cat.samples[count - 1].image} has shape "
+                                 f"{a.shape}; the {protocol} protocol needs {crop}x{crop}")
+            maps[count - 1] = a
+            if progress:
+                progress(cat.name, count, total)
+        if count != total:
+            raise ValueError(f"the model gave {count} anomaly maps for the "
+                             f"{total} test images of {cat.name}")
+        labels = np.array([s.label for s in cat.samples])
+        m = compute_metrics(maps.reshape(len(maps), -1).max(axis=1), labels, maps, masks,
+                            curve_points=curve_points)
+        result.categories[cat.name] = m.values
+        result.curves[cat.name] = m.curves
+        result.notes += [f"{cat.name}: {note}" for note in m.notes]
+        del maps, masks  # before the next category's arrays
+    for key, value in result.mean.items():
+        undefined = [n for n, v in result.categories.items() if math.isnan(v[key])]
+        if undefined and not math.isnan(value):
+            result.notes.append(f"mean {key} leaves out {', '.join(undefined)}, where it is "
+                                f"undefined")
+    return result
+
+
+# --------------------------------------------------------------------------- plots
+# Pillow only (no matplotlib): three square panels with a frame, ticks, a grid, labels
+# and a legend that also gives each curve's metric.
+_BLACK, _GREY = (0, 0, 0), (225, 225, 225)
+_COLOURS = {"image": (31, 119, 180), "pixel": (214, 39, 40)}
+_PANELS = [  # title, curve kind, x range, metric named in the legend
+    ("ROC", "roc", 1.0, "auroc", "AUROC"),
+    ("precision-recall", "pr", 1.0, "ap", "AP"),
+    ("per-region overlap (FPR <= 0.3)", "pro", 0.3, "aupro", "AUPRO"),
+]
+_SIZE, _LEFT, _TOP, _GAP, _BOTTOM = 300, 70, 60, 90, 60
+
+
+def draw_curves(name: str, curves: dict[str, Curve], values: dict[str, float]) -> Image.Image:
+    """The category's curves as one RGB image, panels side by side."""
+    width = _LEFT + len(_PANELS) * (_SIZE + _GAP) - _GAP + 30
+    img = Image.new("RGB", (width, _TOP + _SIZE + _BOTTOM), "white")
+    _text(img, (width // 2, 18), name, 20, anchor="mt")
+    for i, (title, kind, xmax, metric, metric_name) in enumerate(_PANELS):
+        series = []
+        for level in ("image", "pixel"):
+            curve, value = curves.get(f"{level}_{kind}"), values.get(f"{level}_{metric}")
+            if curve is not None and value is not None:
+                series.append((f"{level} {metric_name} {100 * value:.1f}", _COLOURS[level], curve))
+        _panel(img, _LEFT + i * (_SIZE + _GAP), title, xmax, series,
+               ("false positive rate", "true positive rate") if kind != "pr" else
+               ("recall", "precision"), kind == "pro")
+    return img
+
+
+def _panel(img, left, title, xmax, series, labels, pro):
+    from PIL import ImageDraw
+
+    draw, top, size = ImageDraw.Draw(img), _TOP, _SIZE
+    to_px = lambda x, y: (left + x / xmax * size, top + (1 - y) * size)  # noqa: E731
+    for k in range(6):  # grid and ticks at 0, 0.2, ..., 1 of each axis
+        x, y = to_px(k / 5 * xmax, k / 5)
+        draw.line([(x, top), (x, top + size)], fill=_GREY)
+        draw.line([(left, y), (left + size, y)], fill=_GREY)
+        _text(img, (x, top + size + 4), f"{k / 5 * xmax:.2g}", 12, anchor="mt")
+        _text(img, (left - 4, y), f"{k / 5:.1f}", 12, anchor="rm")
+    draw.rectangle([left, top, left + size, top + size], outline=_BLACK)
+    _text(img, (left + size // 2, top - 8), title, 14, anchor="md")
+    x_label, y_label = ("false positive rate", "per-region overlap") if pro else labels
+    _text(img, (left + size // 2, top + size + 24), x_label, 13, anchor="mt")
+    _text(img, (left - 40, top + size // 2), y_label, 13, anchor="mm", vertical=True)
+    for label, colour, curve in series:
+        x, y = _clip(curve.x, curve.y, xmax)
+        draw.line([to_px(a, b) for a, b in zip(x, y)], fill=colour, width=2)
+    if series:  # legend in the lower right corner, on white so curves do not hide it
+        box_top = top + size - 8 - 16 * len(series)
+        draw.rectangle([left + size - 156, box_top, left + size - 4, top + size - 4],
+                       fill="white", outline=_GREY)
+    for j, (label, colour, _) in enumerate(series):
+        ly = top + size - 14 - 16 * (len(series) - 1 - j)
+        draw.line([(left + size - 150, ly), (left + size - 130, ly)], fill=colour, width=3)
+        _text(img, (left + size - 125, ly), label, 12, anchor="lm")
+
+
+def _clip(x, y, xmax):
+    """The curve up to ``xmax``, interpolated there (the PRO panel stops at FPR 0.3)."""
+    k = int(np.searchsorted(x, xmax, side="right"))
+    if k == len(x) or k == 0:
+        return x[:k], y[:k]
+    y_end = y[k - 1] + (y[k] - y[k - 1]) * (xmax - x[k - 1]) / (x[k] - x[k - 1])
+    return np.append(x[:k], xmax), np.append(y[:k], y_end)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:  # scalable default font needs Pillow >= 10.1 with FreeType
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _text(img, xy, text, size, anchor="la", vertical=False):
+    from PIL import ImageDraw
+
+    font = _font(size)
+    if not vertical:
+        ImageDraw.Draw(img).text(xy, text, fill=_BLACK, font=font, anchor=anchor)
+        return
+    box = ImageDraw.Draw(img).textbbox((0, 0), text, font=font)
+    label = Image.new("RGB", (box[2] + 2, box[3] + 2), "white")
+    ImageDraw.Draw(label).text((1, 1), text, fill=_BLACK, font=font)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (int(xy[0] - label.width / 2), int(xy[1] - label.height / 2)))

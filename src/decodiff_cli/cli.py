@@ -1,0 +1,290 @@
+"""The `decodiff` command: parse options, call the library, print. Nothing else lives here.
+
+torch, diffusers and accelerate are imported inside the commands, so `decodiff --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from decodiff_cli import __version__, console
+from decodiff_cli.console import (
+    EXIT_ANOMALY,
+    EXIT_CODES_HELP,
+    EXIT_INPUTS_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+)
+
+app = typer.Typer(
+    name="decodiff",
+    help="Find and localise visual defects after seeing only defect-free images (DeCo-Diff).\n\n"
+    "Typical use:\n\n"
+    "  decodiff fit ./normal --out model --autoencoder pixel\n\n"
+    "  decodiff score model ./incoming --fail-on-anomaly\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Format(str, Enum):
+    table = "table"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.out.print(f"decodiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+
+def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A user error becomes one stderr line and exit code 2, never a traceback
+    (set DECODIFF_DEBUG=1 to see one)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            console.error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:  # `decodiff score ... | head`: the reader left, which is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_OK)
+        except (ValueError, OSError) as err:
+            if os.environ.get("DECODIFF_DEBUG"):
+                raise
+            console.error(console.escape(str(err)))
+            raise typer.Exit(EXIT_USAGE)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _collect_inputs(items: List[str]):
+    from decodiff_cli.inputs import expand_inputs
+
+    images, problems = expand_inputs(items, stdin=sys.stdin if "-" in items else None)
+    for item, problem in problems:
+        console.warn(problem if item in problem else f"{item}: {problem}")
+    if not images:
+        raise ValueError("no images to process")
+    return images, problems
+
+
+def _load_detector(bundle: Path, device: Device, dtype: Dtype, batch_size: int):
+    from decodiff_cli.detector import Detector
+
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    return Detector.load(bundle, device=device.value, dtype=dtype.value, batch_size=batch_size)
+
+
+def _options(detector, class_name: Optional[str], steps: Optional[int], threshold: Optional[float], pixel_threshold: Optional[float] = None):
+    from decodiff_cli.runs import InferenceOptions
+
+    if class_name is not None:
+        detector.check_category(class_name)
+    if steps is not None and steps < 1:
+        raise ValueError("--steps must be at least 1")
+    return InferenceOptions(category=class_name, steps=steps, threshold=threshold, pixel_threshold=pixel_threshold)
+
+
+def _exit_code(summary, input_problems, fail_on_anomaly: bool = False) -> int:
+    for path, problem in summary.failed:
+        console.warn(problem)
+    if summary.failed or input_problems:
+        return EXIT_INPUTS_FAILED
+    if fail_on_anomaly and summary.anomalous:
+        return EXIT_ANOMALY
+    return EXIT_OK
+
+
+def _prepare_out_dir(out: Path, overwrite: bool, inputs) -> None:
+    from decodiff_cli.runs import existing_outputs
+
+    if existing_outputs(out) and not overwrite:
+        raise ValueError(f"{out} is not empty; pass --overwrite to write into it (files of the same name are replaced)")
+    resolved = out.resolve()
+    for image in inputs:
+        if image.path.resolve() == resolved:
+            raise ValueError(f"--out {out} is an input file")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+BUNDLE_ARG = typer.Argument(..., help="A model bundle made by `decodiff fit`.", show_default=False)
+INPUTS_ARG = typer.Argument(..., help="Image files, folders (recursive), globs, or - to read paths from stdin.", show_default=False)
+CLASS_OPT = typer.Option(None, "--class", help="Category to score as (unified models); inferred from the path or the image when omitted.")
+BATCH_OPT = typer.Option(8, "--batch-size", help="Images per forward pass.")
+DEVICE_OPT = typer.Option(Device.auto, "--device", help="auto, cpu, cuda (or cuda:N via DECODIFF_DEVICE).")
+DTYPE_OPT = typer.Option(Dtype.fp32, "--dtype", help="Inference precision: fp32, bf16 (CPU/GPU) or fp16 (GPU).")
+STEPS_OPT = typer.Option(None, "--steps", help="Number of correction steps (model calls); default from the bundle (5).")
+
+
+def _device(device: Device) -> Device:
+    override = os.environ.get("DECODIFF_DEVICE")
+    return Device(override) if override in Device.__members__ else device
+
+
+# ----------------------------------------------------------------------------- score
+
+
+@app.command(epilog="Examples:\n\n  decodiff score model ./images\n\n  find /data/new -name '*.png' | decodiff score model - --format jsonl\n\n"
+             "  decodiff score model ./tonight --output scores.jsonl --skip-existing --fail-on-anomaly\n\n" + EXIT_CODES_HELP)
+@friendly_errors
+def score(
+    bundle: Path = BUNDLE_ARG,
+    inputs: List[str] = INPUTS_ARG,
+    class_name: Optional[str] = CLASS_OPT,
+    fmt: Optional[Format] = typer.Option(None, "--format", help="table (default on a terminal), jsonl (default when piped) or csv."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Append records to this file instead of stdout."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the calibrated image threshold."),
+    fail_on_anomaly: bool = typer.Option(False, "--fail-on-anomaly", help="Exit 1 when any image is anomalous."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="With --output: skip images already scored in that file."),
+    batch_size: int = BATCH_OPT,
+    device: Device = DEVICE_OPT,
+    dtype: Dtype = DTYPE_OPT,
+    steps: Optional[int] = STEPS_OPT,
+) -> None:
+    """Score images: one record per image (path, class, score, threshold, normalized_score, is_anomalous)."""
+    from decodiff_cli import runs
+    from decodiff_cli.outputs import RecordWriter, read_scored_paths
+
+    if skip_existing and output is None:
+        raise ValueError("--skip-existing needs --output FILE")
+    fmt = fmt or (Format.table if output is None and console.stdout_is_terminal() else Format.jsonl)
+    if output is not None and fmt == Format.table:
+        raise ValueError("--format table is for the terminal; use jsonl or csv with --output")
+    images, problems = _collect_inputs(inputs)
+    if skip_existing and output.exists():
+        before = len(images)
+        images = runs.skip_already_scored(images, read_scored_paths(output))
+        console.info(f"skipping {before - len(images)} already scored image(s)")
+    detector = _load_detector(bundle, _device(device), dtype, batch_size)
+    opts = _options(detector, class_name, steps, threshold)
+    rows: list = []
+    with console.progress_bar() as bar:
+        task = bar.add_task("scoring", total=len(images))
+        if fmt == Format.table:
+            summary = runs.score(detector, images, opts, rows.append, lambda: bar.advance(task))
+        else:
+            with RecordWriter(output if output is not None else sys.stdout, fmt.value) as writer:
+                summary = runs.score(detector, images, opts, writer.write, lambda: bar.advance(task))
+    if fmt == Format.table:
+        _print_score_table(rows)
+    raise typer.Exit(_exit_code(summary, problems, fail_on_anomaly))
+
+
+def _print_score_table(rows) -> None:
+    from rich.table import Table
+
+    table = Table("path", "class", "score", "threshold", "normalized", "decision")
+    for r in rows:
+        if r.error:
+            table.add_row(console.escape(str(r.path)), "", "", "", "", "[red]failed[/]")
+            continue
+        decision = "[bold red]anomalous[/]" if r.is_anomalous else "[green]normal[/]"
+        table.add_row(console.escape(str(r.path)), r.cls or "", f"{r.score:.4f}", f"{r.threshold:.4f}", f"{r.normalized_score:.3f}", decision)
+    console.out.print(table)
+
+
+# -------------------------------------------------------------------------- localize
+
+
+@app.command(epilog="Example:\n\n  decodiff localize model ./images --out review/  # then open review/index.html\n\n" + EXIT_CODES_HELP)
+@friendly_errors
+def localize(
+    bundle: Path = BUNDLE_ARG,
+    inputs: List[str] = INPUTS_ARG,
+    out: Path = typer.Option(..., "--out", help="Output folder (mirrors the inputs' relative paths)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out folder."),
+    class_name: Optional[str] = CLASS_OPT,
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the calibrated image threshold."),
+    batch_size: int = BATCH_OPT,
+    device: Device = DEVICE_OPT,
+    dtype: Dtype = DTYPE_OPT,
+    steps: Optional[int] = STEPS_OPT,
+) -> None:
+    """Anomaly heatmaps, overlays, corrected images and raw float TIFF maps, with an index.html gallery."""
+    from decodiff_cli import runs
+
+    images, problems = _collect_inputs(inputs)
+    _prepare_out_dir(out, overwrite, images)
+    detector = _load_detector(bundle, _device(device), dtype, batch_size)
+    opts = _options(detector, class_name, steps, threshold)
+    with console.progress_bar() as bar:
+        task = bar.add_task("localizing", total=len(images))
+        summary = runs.localize(detector, images, opts, out, lambda: bar.advance(task))
+    console.info(f"{summary.processed} image(s), {summary.anomalous} anomalous; gallery: {console.escape(str(out / 'index.html'))}")
+    raise typer.Exit(_exit_code(summary, problems))
+
+
+@app.command("export-masks", epilog="Example:\n\n  decodiff export-masks model ./images --out masks/ --min-area 50\n\n" + EXIT_CODES_HELP)
+@friendly_errors
+def export_masks(
+    bundle: Path = BUNDLE_ARG,
+    inputs: List[str] = INPUTS_ARG,
+    out: Path = typer.Option(..., "--out", help="Output folder for <name>_mask.png files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out folder."),
+    class_name: Optional[str] = CLASS_OPT,
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the calibrated *pixel* threshold."),
+    min_area: int = typer.Option(0, "--min-area", help="Drop connected regions smaller than this many pixels."),
+    batch_size: int = BATCH_OPT,
+    device: Device = DEVICE_OPT,
+    dtype: Dtype = DTYPE_OPT,
+    steps: Optional[int] = STEPS_OPT,
+) -> None:
+    """Binary masks (PNG, 0/255) at each image's resolution, from the calibrated pixel threshold."""
+    from decodiff_cli import runs
+
+    images, problems = _collect_inputs(inputs)
+    _prepare_out_dir(out, overwrite, images)
+    detector = _load_detector(bundle, _device(device), dtype, batch_size)
+    opts = _options(detector, class_name, steps, None, pixel_threshold=threshold)
+    with console.progress_bar() as bar:
+        task = bar.add_task("masks", total=len(images))
+        summary = runs.export_masks(detector, images, opts, out, min_area, lambda: bar.advance(task))
+    console.info(f"{summary.processed} mask(s) in {console.escape(str(out))}")
+    raise typer.Exit(_exit_code(summary, problems))
+
+
+def main() -> None:
+    from decodiff_cli import cli_fit, cli_benchmark  # noqa: F401  (registers the commands)
+
+    app()

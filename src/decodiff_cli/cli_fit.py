@@ -1,0 +1,171 @@
+"""`decodiff fit`, `decodiff calibrate`, `decodiff info`: making and inspecting bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.progress import TextColumn
+
+from decodiff_cli import console
+from decodiff_cli.cli import Device, app, friendly_errors
+from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_OK
+from decodiff_cli.presets import PRESETS, build_config, read_config_file
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  decodiff fit ./normal --out model --autoencoder pixel --time-budget 5\n\n"
+    "  decodiff fit mvtec/ --out unified --autoencoder ../shared/weights/taef2 --time-budget 30\n\n"
+    "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
+    "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP,
+)
+@friendly_errors
+def fit(
+    ctx: typer.Context,
+    data: List[str] = typer.Argument(..., help="Folders of normal images (folder name = class), image files, globs, or an MVTec AD / VisA root.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    preset: str = typer.Option("cpu", "--preset", help=f"Starting settings: {', '.join(PRESETS)}."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML (or YAML) file whose keys are these options; command-line values win."),
+    autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="Hub id, diffusers folder, TAESD-family folder (*_encoder.pth/*_decoder.pth), or 'pixel' (no download). Default: stabilityai/sd-vae-ft-ema."),
+    model_size: Optional[str] = typer.Option(None, "--model-size", help="Denoiser size: tiny, xs (default), s, m, l, xl."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Side of the square the model sees (default 256)."),
+    resize: Optional[int] = typer.Option(None, "--resize", help="Resize to this side first; larger than --image-size means a centre crop (paper: 288)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (split over processes)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Stop after this many epochs."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after this many minutes (the lr schedule follows the budget)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU) or bf16."),
+    hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Add horizontally flipped views (only if flipped parts are still normal)."),
+    vflip: Optional[bool] = typer.Option(None, "--vflip/--no-vflip", help="Add vertically flipped views."),
+    class_conditional: Optional[bool] = typer.Option(None, "--class-conditional/--no-class-conditional", help="Let the denoiser see the class (default: on with several classes)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.work/checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of skipping it."),
+    anomalous: Optional[List[Path]] = typer.Option(None, "--anomalous", help="Labelled anomalous images (MVTec masks used when present): F1-optimal thresholds."),
+) -> None:
+    """Train a model on defect-free images and write a self-contained, calibrated bundle."""
+    from decodiff_cli.fitting import fit as run_fit
+    from decodiff_cli.inputs import find_training_images
+    from decodiff_cli.training import TrainingInterrupted
+
+    given = {name: value for name, value in ctx.params.items()
+             if ctx.get_parameter_source(name) is not None and ctx.get_parameter_source(name).name == "COMMANDLINE"}
+    file_values = read_config_file(config) if config is not None else {}
+    cfg = build_config(given.get("preset", file_values.get("preset", preset)), {**file_values, **given})
+    images, problems = find_training_images(data)
+    for item, problem in problems:
+        console.warn(problem)
+    if not images:
+        raise ValueError("no training images found in " + ", ".join(data))
+
+    state: dict[str, Any] = {}
+    with console.progress_bar(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s")) as bar:
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "images":
+                console.info(f"{info['train']} training and {info['holdout']} held-out image(s) in "
+                             f"{len(info['categories'])} class(es): {', '.join(info['categories'])}")
+                if info["skipped"]:
+                    console.warn(f"skipped {len(info['skipped'])} unreadable file(s):")
+                    for path, reason in info["skipped"]:
+                        console.info(f"  {console.escape(reason)}")
+            elif kind == "encode":
+                if "encode" not in state:
+                    state["encode"] = bar.add_task("encoding", total=info["total"], loss="-", speed="-")
+                bar.update(state["encode"], completed=info["done"])
+            elif kind == "cache":
+                where = "on disk" if info["on_disk"] else "in RAM"
+                console.info(f"latent cache: {info['bytes'] / 2**20:.1f} MiB {where} for {info['images']} image(s)")
+            elif kind == "step":
+                if "train" not in state:
+                    total = info["max_steps"] or 1000
+                    state["train"] = bar.add_task("training", total=total if info["max_steps"] else 1000, loss="-", speed="-")
+                completed = info["step"] if info["max_steps"] else info["progress"] * 1000
+                bar.update(state["train"], completed=completed, loss=f"{info['loss']:.4f}", speed=f"{info['images_per_s']:.1f}",
+                           description=f"training (epoch {info['epoch']:.1f})")
+            elif kind == "calibrate":
+                console.info(f"calibrating on {info['images']} held-out image(s)")
+
+        try:
+            result = run_fit(images, out, cfg, overwrite=overwrite, resume=resume, strict=strict,
+                             class_conditional=class_conditional, anomalous=_anomalous_paths(anomalous),
+                             on_event=on_event)
+        except TrainingInterrupted as stop:
+            console.error(f"{stop}")
+            raise typer.Exit(EXIT_INTERRUPTED)
+    console.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; bundle: {console.escape(str(result.bundle))}")
+    _print_thresholds(result.bundle)
+    raise typer.Exit(EXIT_OK)
+
+
+def _anomalous_paths(items: Optional[List[Path]]) -> list[Path]:
+    from decodiff_cli.inputs import expand_inputs
+
+    if not items:
+        return []
+    images, problems = expand_inputs([str(p) for p in items])
+    for item, problem in problems:
+        console.warn(problem)
+    return [image.path for image in images]
+
+
+def _print_thresholds(bundle: Path) -> None:
+    calibration = json.loads((bundle / "calibration.json").read_text())
+    for name, entry in calibration.get("categories", {}).items():
+        console.info(f"  {name}: image threshold {entry['image_threshold']:.4f}, pixel threshold "
+                     f"{entry['pixel_threshold']:.4f} ({entry['rule']})")
+
+
+@app.command(epilog="Example:\n\n  decodiff calibrate model ./more_normal --anomalous ./labelled_defects\n\n" + EXIT_CODES_HELP)
+@friendly_errors
+def calibrate(
+    bundle: Path = typer.Argument(..., help="The bundle whose thresholds to recompute.", show_default=False),
+    data: List[str] = typer.Argument(..., help="Normal images (not used in training), as for fit.", show_default=False),
+    anomalous: Optional[List[Path]] = typer.Option(None, "--anomalous", help="Labelled anomalous images: F1-optimal thresholds."),
+    device: Device = typer.Option(Device.auto, "--device"),
+) -> None:
+    """Recompute a bundle's thresholds without retraining."""
+    from decodiff_cli.fitting import recalibrate
+    from decodiff_cli.inputs import find_training_images
+
+    images, problems = find_training_images(data)
+    for item, problem in problems:
+        console.warn(problem)
+    calibration = recalibrate(bundle, images, _anomalous_paths(anomalous), device=device.value)
+    rules = {c["rule"] for c in calibration["categories"].values()}
+    console.info(f"thresholds set by: {', '.join(sorted(rules))}")
+    _print_thresholds(bundle)
+
+
+@app.command(epilog="Example:\n\n  decodiff info model")
+@friendly_errors
+def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_default=False)) -> None:
+    """A readable summary of a bundle: what it was trained on and how it scores."""
+    from rich.table import Table
+
+    from decodiff_cli.bundle import read_bundle
+
+    b = read_bundle(bundle)
+    c = b.config
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("bundle", str(b.path)),
+        ("format / decodiff", f"{c.format_version} / {c.decodiff_version}"),
+        ("classes", ", ".join(c.categories) + (" (class-conditional)" if c.denoiser.num_classes else "")),
+        ("autoencoder", f"{c.autoencoder.spec} ({c.autoencoder.kind}, {c.autoencoder.latent_channels} ch, /{c.autoencoder.downsample})"),
+        ("denoiser", f"{c.denoiser.size}, latent {c.denoiser.latent_channels}x{c.denoiser.latent_size}x{c.denoiser.latent_size}"),
+        ("preprocess", f"resize {c.preprocess.resize}, crop {c.preprocess.image_size}"),
+        ("correction", f"t={c.correction.timesteps()} strategy {c.correction.strategy}"),
+        ("map", f"{c.anomaly_map.combine}, pixel clip {c.anomaly_map.pixel_clip}, latent clip {c.anomaly_map.latent_clip}"),
+        ("latent scaling", c.latent_scaling.kind),
+        ("files", ", ".join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in b.files().items())),
+    ]
+    for name, entry in b.calibration.get("categories", {}).items():
+        rows.append((f"thresholds [{name}]", f"image {entry['image_threshold']:.4f}, pixel {entry['pixel_threshold']:.4f} ({entry['rule']})"))
+    for key, value in rows:
+        table.add_row(key, console.escape(value))
+    console.out.print(table)

@@ -1,0 +1,103 @@
+"""Named starting settings, and fit options (command line or --config file) -> ModelConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from decodiff_cli.config import (
+    AutoencoderConfig,
+    DenoiserConfig,
+    LatentScaling,
+    MapConfig,
+    ModelConfig,
+    PreprocessConfig,
+    TrainConfig,
+)
+
+
+def _cpu() -> ModelConfig:
+    """Defaults for a laptop-class CPU: a 16M-parameter UNet, EMA, a higher lr."""
+    return ModelConfig()
+
+
+def _paper() -> ModelConfig:
+    """The authors' setting (METHOD.md): SD-VAE, the 256-wide UNet, batch 128, 800 epochs."""
+    return ModelConfig(
+        preprocess=PreprocessConfig(image_size=256, resize=288),
+        anomaly_map=MapConfig(latent_clip=0.2),
+        latent_scaling=LatentScaling(kind="factor", factor=0.18215),
+        autoencoder=AutoencoderConfig(spec="stabilityai/sd-vae-ft-ema"),
+        denoiser=DenoiserConfig(size="l"),
+        train=TrainConfig(batch_size=128, lr=1e-4, epochs=800, ema_decay=0.0, warmup_steps=500,
+                          patch_sizes=[1, 2, 4, 8, 16], patch_probs=[0.30, 0.25, 0.20, 0.15, 0.10]),
+    )
+
+
+PRESETS = {"cpu": _cpu, "paper": _paper}
+
+# fit option -> (section, field) of ModelConfig
+OPTION_FIELDS = {
+    "autoencoder": ("autoencoder", "spec"),
+    "model_size": ("denoiser", "size"),
+    "image_size": ("preprocess", "image_size"),
+    "resize": ("preprocess", "resize"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "epochs": ("train", "epochs"),
+    "max_steps": ("train", "max_steps"),
+    "time_budget": ("train", "time_budget_minutes"),
+    "seed": ("train", "seed"),
+    "mixed_precision": ("train", "mixed_precision"),
+    "hflip": ("train", "hflip"),
+    "vflip": ("train", "vflip"),
+}
+FILE_ONLY = {"preset", "class_conditional", "overwrite", "strict", "resume"}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML (or, with PyYAML installed, YAML) file of fit options."""
+    text = Path(path).read_text()
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: YAML needs PyYAML (pip install pyyaml); or use TOML") from None
+        data = yaml.safe_load(text) or {}
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of options")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - set(OPTION_FIELDS) - FILE_ONLY)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTION_FIELDS))}")
+    return values
+
+
+def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    crop_ratio = cfg.preprocess.resize / cfg.preprocess.image_size
+    sections: dict[str, dict[str, Any]] = {}
+    for option, value in options.items():
+        if option in OPTION_FIELDS and value is not None:
+            section, name = OPTION_FIELDS[option]
+            sections.setdefault(section, {})[name] = value
+    if "image_size" in sections.get("preprocess", {}) and "resize" not in sections["preprocess"]:
+        sections["preprocess"]["resize"] = round(sections["preprocess"]["image_size"] * crop_ratio)
+    for section, values in sections.items():
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.train.mixed_precision!r}")
+    for name in ("batch_size",):
+        if getattr(cfg.train, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    return cfg

@@ -1,0 +1,123 @@
+"""Batch jobs over many images, on a loaded Detector: score, localize, export masks.
+
+Each job processes every input it can, reports the ones it cannot (never stops on one
+bad file) and returns a summary; files are written atomically, never over an input, and
+never outside the output folder (see outputs.OutputPaths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from decodiff_cli.detector import Detector, Prediction
+from decodiff_cli.inputs import InputImage
+from decodiff_cli.outputs import (
+    GalleryEntry,
+    OutputPaths,
+    Record,
+    binary_mask,
+    heatmap_image,
+    overlay_image,
+    save_float_tiff,
+    save_image,
+    write_gallery,
+)
+
+
+@dataclass
+class RunSummary:
+    processed: int = 0
+    anomalous: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    outputs: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class InferenceOptions:
+    category: str | None = None
+    steps: int | None = None
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+
+
+def _predictions(detector: Detector, images: list[InputImage], opts: InferenceOptions, keep_corrected: bool = False):
+    paths = [str(image.path) for image in images]
+    return zip(images, detector.predict(paths, category=opts.category, steps=opts.steps,
+                                        keep_corrected=keep_corrected, threshold=opts.threshold,
+                                        pixel_threshold=opts.pixel_threshold))
+
+
+def _tally(summary: RunSummary, pred: Prediction) -> None:
+    if pred.error is not None:
+        summary.failed.append((pred.path or "?", pred.error))
+        return
+    summary.processed += 1
+    summary.anomalous += int(pred.is_anomalous)
+    for key, value in pred.timings.items():
+        summary.timings[key] = summary.timings.get(key, 0.0) + value
+
+
+def to_record(pred: Prediction) -> Record:
+    if pred.error is not None:
+        return Record(path=pred.path, error=pred.error)
+    return Record(path=pred.path, cls=pred.category, score=pred.score, threshold=pred.threshold,
+                  normalized_score=pred.normalized_score, is_anomalous=pred.is_anomalous)
+
+
+def score(detector: Detector, images: list[InputImage], opts: InferenceOptions,
+          emit: Callable[[Record], None], advance: Callable[[], None] = lambda: None) -> RunSummary:
+    summary = RunSummary()
+    for _, pred in _predictions(detector, images, opts):
+        _tally(summary, pred)
+        emit(to_record(pred))
+        advance()
+    return summary
+
+
+def localize(detector: Detector, images: list[InputImage], opts: InferenceOptions, out_dir: Path,
+             advance: Callable[[], None] = lambda: None) -> RunSummary:
+    """Heatmap, overlay, corrected image and raw float TIFF per image, plus index.html."""
+    summary = RunSummary(outputs=out_dir)
+    paths = OutputPaths(out_dir, images)
+    entries: list[GalleryEntry] = []
+    for image, pred in _predictions(detector, images, opts, keep_corrected=True):
+        _tally(summary, pred)
+        name = str(image.relative)
+        if pred.error is not None:
+            entries.append(GalleryEntry(name=name, error=pred.error))
+        else:
+            target = paths[image.path]
+            save_float_tiff(target.anomaly_map, pred.anomaly_map)
+            save_image(target.heatmap, heatmap_image(pred.anomaly_map))
+            save_image(target.overlay, overlay_image(pred.original, pred.anomaly_map))
+            save_image(target.reconstruction, pred.corrected)
+            entries.append(GalleryEntry(name=name, score=pred.score, threshold=pred.threshold,
+                                        is_anomalous=pred.is_anomalous, heatmap=target.heatmap,
+                                        overlay=target.overlay, reconstruction=target.reconstruction))
+        advance()
+    write_gallery(out_dir, entries)
+    return summary
+
+
+def export_masks(detector: Detector, images: list[InputImage], opts: InferenceOptions, out_dir: Path,
+                 min_area: int = 0, advance: Callable[[], None] = lambda: None) -> RunSummary:
+    """Binary PNG masks (0/255) at the original resolution, from the pixel threshold."""
+    summary = RunSummary(outputs=out_dir)
+    paths = OutputPaths(out_dir, images)
+    for image, pred in _predictions(detector, images, opts):
+        _tally(summary, pred)
+        if pred.error is None:
+            save_image(paths[image.path].mask, binary_mask(pred.anomaly_map, pred.pixel_threshold, min_area))
+        advance()
+    return summary
+
+
+def existing_outputs(out_dir: Path) -> bool:
+    return out_dir.is_dir() and any(out_dir.iterdir())
+
+
+def skip_already_scored(images: Iterable[InputImage], done: set[str]) -> list[InputImage]:
+    return [image for image in images if str(image.path) not in done]
