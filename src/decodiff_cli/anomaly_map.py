@@ -27,10 +27,15 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     h, w = maps.shape[-2:]
     pad_h, pad_w = min(radius, h - 1), min(radius, w - 1)
     out = maps
+
+    def taps(pad: int) -> torch.Tensor:  # on maps smaller than the radius: renormalised, so constants stay constant
+        k = kernel[radius - pad : radius + pad + 1]
+        return k / k.sum()
+
     if pad_w > 0:
-        out = F.conv2d(F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect"), kernel[radius - pad_w : radius + pad_w + 1].view(1, 1, 1, -1))
+        out = F.conv2d(F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect"), taps(pad_w).view(1, 1, 1, -1))
     if pad_h > 0:
-        out = F.conv2d(F.pad(out, (0, 0, pad_h, pad_h), mode="reflect"), kernel[radius - pad_h : radius + pad_h + 1].view(1, 1, -1, 1))
+        out = F.conv2d(F.pad(out, (0, 0, pad_h, pad_h), mode="reflect"), taps(pad_h).view(1, 1, -1, 1))
     return out
 
 

@@ -125,7 +125,12 @@ def read_bundle(path: Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{path} is not a decodiff bundle (no {CONFIG}); make one with `decodiff fit`")
     if verify:
         verify_checksums(path)
-    config = ModelConfig.from_dict(_read_json(path / CONFIG))
+    try:
+        config = ModelConfig.from_dict(_read_json(path / CONFIG))
+    except BundleError:
+        raise
+    except (ValueError, TypeError) as err:  # unknown keys, newer format, wrongly typed values
+        raise BundleError(f"{path / CONFIG}: {err}") from None
     calibration = _read_json(path / CALIBRATION) if (path / CALIBRATION).is_file() else {}
     return Bundle(path=path, config=config, calibration=calibration)
 

@@ -23,7 +23,12 @@ MAX_PIXELS = 2_000_000  # pixel quantiles from a fixed-size random sample: bound
 
 
 def _with_margin(high: float, median: float) -> float:
-    return float(high + MARGIN * max(high - median, 0.0))
+    # Strictly above `high`, also once compared in float32 (maps are float32): the detector
+    # flags score >= threshold, so with no spread (ties, saturated maps, all-zero pixels)
+    # `high` itself would otherwise be called anomalous.
+    high, median = float(high), float(median)
+    above = float(np.nextafter(np.float32(high), np.float32(np.inf)))
+    return float(max(high + MARGIN * max(high - median, 0.0), above))
 
 
 def normal_thresholds(scores: np.ndarray, pixels: np.ndarray) -> dict[str, Any]:

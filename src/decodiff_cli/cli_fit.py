@@ -97,6 +97,8 @@ def fit(
         except TrainingInterrupted as stop:
             console.error(f"{stop}")
             raise typer.Exit(EXIT_INTERRUPTED)
+    if not result.is_main_process:  # the other ranks of `accelerate launch`: one summary is enough
+        raise typer.Exit(EXIT_OK)
     console.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; bundle: {console.escape(str(result.bundle))}")
     _print_thresholds(result.bundle)
     raise typer.Exit(EXIT_OK)
@@ -167,5 +169,5 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
     for name, entry in b.calibration.get("categories", {}).items():
         rows.append((f"thresholds [{name}]", f"image {entry['image_threshold']:.4f}, pixel {entry['pixel_threshold']:.4f} ({entry['rule']})"))
     for key, value in rows:
-        table.add_row(key, console.escape(value))
+        table.add_row(console.escape(key), console.escape(value))
     console.out.print(table)

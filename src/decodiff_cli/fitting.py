@@ -8,6 +8,7 @@ CLI decides how things look and tests can run it directly.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class FitResult:
     categories: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    is_main_process: bool = True  # False on the other ranks of a multi-process run
 
 
 def work_dir_for(out: Path) -> Path:
@@ -79,12 +81,13 @@ def fit(
     anomalous: list[Path] | None = None,
     accelerator=None,
     on_event: Event | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> FitResult:
+    """``should_stop(step)``: see training.train; True stops with a resumable checkpoint."""
     from accelerate import Accelerator
 
     from decodiff_cli.training import train
 
-    emit = on_event or (lambda kind, info: None)
     out = Path(out)
     if out.exists() and not overwrite and not resume:
         raise ValueError(f"{out} already exists; pass --overwrite to replace it")
@@ -93,8 +96,16 @@ def fit(
     accelerator = accelerator or Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=max(1, cfg.train.gradient_accumulation_steps),
+        cpu=_cpu_only_launch(),
     )
     main = accelerator.is_main_process
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        # Every process would think it is the only one: N identical runs racing to
+        # write the same bundle and delete the same work folder.
+        raise ValueError(f"launched as {launched} processes, but accelerate sees {accelerator.num_processes}")
+    # Progress comes from the main process only: N copies of every message help nobody.
+    emit = (on_event or (lambda kind, info: None)) if main else (lambda kind, info: None)
     work = work_dir_for(out)
     if resume and not (work / "checkpoint" / "trainer_state.json").is_file():
         raise ValueError(f"nothing to resume: no checkpoint in {work / 'checkpoint'}")
@@ -137,7 +148,8 @@ def fit(
                             progress=lambda done, total: emit("encode", {"done": done, "total": total}))
     emit("cache", {"bytes": cache.nbytes, "on_disk": cache.on_disk, "images": cache.num_images})
     if cfg.latent_scaling.kind == "channel" or not cfg.latent_scaling.mean:
-        first_views = torch.from_numpy(np.asarray(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()
+        # np.array copies: a read-only memmap slice handed to torch.from_numpy warns.
+        first_views = torch.from_numpy(np.array(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()
         cfg.latent_scaling = fit_scaling(first_views, cfg.latent_scaling.kind, cfg.latent_scaling.factor)
 
     # 3. train
@@ -146,7 +158,7 @@ def fit(
         log_file.unlink(missing_ok=True)
         (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     result = train(cfg, cache, torch.tensor(labels), accelerator, work / "checkpoint", resume=resume,
-                   progress=lambda record: emit("step", record), log_file=log_file)
+                   progress=lambda record: emit("step", record), log_file=log_file, should_stop=should_stop)
 
     # 4. calibrate on the held-out images, write the bundle (one writer)
     calibration: dict[str, Any] = {}
@@ -164,7 +176,21 @@ def fit(
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return FitResult(bundle=out, steps=result.steps, seconds=result.seconds, categories=categories,
-                     skipped=skipped, calibration=calibration)
+                     skipped=skipped, calibration=calibration, is_main_process=main)
+
+
+def _cpu_only_launch() -> bool:
+    """True for a multi-process launch (torchrun, `accelerate launch --multi_gpu`) on a
+    machine without any accelerator. accelerate forms a CPU process group (gloo) only
+    when told it runs on the CPU; otherwise each process trains alone, believing it is
+    the main one. (`accelerate launch --cpu --num_processes N` starts one process unless
+    given an mpirun hostfile; `--multi_gpu` without a GPU starts N, hence this.)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    probe = getattr(torch, "accelerator", None)  # torch >= 2.6: any device kind
+    if probe is not None:
+        return probe.current_accelerator() is None
+    return not torch.cuda.is_available()
 
 
 def mvtec_mask(path: Path) -> Path | None:

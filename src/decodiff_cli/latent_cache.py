@@ -44,7 +44,8 @@ class LatentCache:
     def batch(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         """Raw float32 latents of the given (image, view) pairs."""
         if self.on_disk:
-            rows = [torch.from_numpy(np.asarray(self.latents[i, v])) for i, v in zip(images.tolist(), views.tolist())]
+            # np.array copies out of the read-only memmap (torch.from_numpy warns on those)
+            rows = [torch.from_numpy(np.array(self.latents[i, v])) for i, v in zip(images.tolist(), views.tolist())]
             return torch.stack(rows).float()
         return self.latents[images, views].float()
 
@@ -86,10 +87,16 @@ def build_cache(
     device: torch.device,
     folder: Path | None = None,
     key: str = "",
-    ram_limit_bytes: int = RAM_LIMIT_BYTES,
+    ram_limit_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> LatentCache:
-    """Encode ``count`` images (a list, or a function index -> (3, S, S) tensor)."""
+    """Encode ``count`` images (a list, or a function index -> (3, S, S) tensor).
+
+    ``ram_limit_bytes`` defaults to the module's RAM_LIMIT_BYTES, read at call time (not
+    bound when this function is defined) so that setting it reaches callers like fit().
+    """
+    if ram_limit_bytes is None:
+        ram_limit_bytes = RAM_LIMIT_BYTES
     get = images if callable(images) else images.__getitem__
     generator = torch.Generator().manual_seed(cfg.seed)
     first = get(0)

@@ -87,10 +87,12 @@ class _EMA:
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        # Warm-up: early on the average would be dominated by the random initialisation.
+        decay = min(self.decay, (1 + step) / (10 + step))
         for key, value in model.state_dict().items():
             if value.dtype.is_floating_point:
-                self.shadow[key].lerp_(value.float(), 1 - self.decay)
+                self.shadow[key].lerp_(value.float(), 1 - decay)
             else:
                 self.shadow[key].copy_(value)
 
@@ -117,8 +119,14 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
     log_file: Path | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> TrainingResult:
-    """Train eps_theta on ``cache`` (raw latents) with class ``labels`` (N,)."""
+    """Train eps_theta on ``cache`` (raw latents) with class ``labels`` (N,).
+
+    ``should_stop(step)``, checked at every step boundary, stops the run as SIGINT does:
+    a checkpoint is saved and TrainingInterrupted raised (for callers that stop training
+    programmatically, e.g. a GUI or a test interrupting at a known step).
+    """
     tc = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
     if tc.batch_size % world:
@@ -150,11 +158,12 @@ def train(
             raise ValueError(f"nothing to resume: no checkpoint in {checkpoint_dir}")
         accelerator.load_state(str(checkpoint_dir))
         state.update(json.loads(trainer_file.read_text()))
+        if log_file is not None and accelerator.is_main_process:
+            _truncate_log(log_file, state["step"])
 
     scaler = LatentScaler(cfg.latent_scaling)
     abar = alpha_bars(cfg.schedule.num_timesteps, cfg.schedule.kind)
     device = accelerator.device
-    share = batch // world
     started, last_save, loss_value = time.monotonic() - state["elapsed"], time.monotonic(), float("nan")
     this_run = (time.monotonic(), state["step"])  # for images/s: only steps made in this process
 
@@ -172,7 +181,8 @@ def train(
             by_steps = state["step"] / max_steps if max_steps else 0.0
             by_time = state["elapsed"] / budget_s if budget_s else 0.0
             state["progress"] = max(by_steps, by_time)
-            flags = torch.tensor([float(state["progress"] >= 1.0), float(stop.raised)], device=device)
+            asked = stop.raised or (should_stop is not None and should_stop(state["step"]))
+            flags = torch.tensor([float(state["progress"] >= 1.0), float(asked)], device=device)
             flags = accelerator.reduce(flags, reduction="sum") if world > 1 else flags
             if flags[0] > 0:
                 break
@@ -181,9 +191,7 @@ def train(
                 raise TrainingInterrupted(checkpoint_dir, state["step"])
 
             step = state["step"]
-            epoch, offset = divmod(step, steps_per_epoch)
-            order = torch.randperm(num_images, generator=torch.Generator().manual_seed(tc.seed * 7919 + epoch))
-            rows = order[offset * batch : (offset + 1) * batch][rank * share : (rank + 1) * share]
+            rows = batch_rows(step, num_images, batch, steps_per_epoch, tc.seed, rank, world)
             gen = torch.Generator().manual_seed(((tc.seed * 1_000_003 + step) * 131 + rank) % (2**63))
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # dropout
             views = torch.randint(0, cache.latents.shape[1], (len(rows),), generator=gen)
@@ -206,14 +214,19 @@ def train(
             state["step"] = step + 1  # before scheduler.step(): the next lr is that of step + 1
             scheduler.step()
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model))
+                ema.update(accelerator.unwrap_model(model), state["step"])
             loss_value = float(loss.detach())
             _report(progress, log_file, accelerator, state, steps_per_epoch, max_steps, budget_s, batch,
-                    loss_value, optimizer, this_run)
+                    loss_value, optimizer, this_run, world)
             if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
                 save_checkpoint()
                 last_save = time.monotonic()
 
+    # The log keeps every 10th step; the last one is always written, so the bundle's log
+    # says how many optimiser steps were made (and with what final loss).
+    if state["step"] % 10 and state["step"] > 1 and state["step"] > this_run[1]:
+        _report(None, log_file, accelerator, state, steps_per_epoch, max_steps, budget_s, batch,
+                loss_value, optimizer, this_run, world, force=True)
     save_checkpoint()  # the finished state: a crash while writing the bundle loses nothing
     weights = ema.state_dict() if ema is not None else accelerator.unwrap_model(model).state_dict()
     return TrainingResult(
@@ -225,8 +238,38 @@ def train(
     )
 
 
+def batch_rows(step: int, num_images: int, batch: int, steps_per_epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """The image rows process ``rank`` of ``world`` trains on at ``step``.
+
+    One permutation per epoch, the same on every process; each step takes the next
+    ``batch`` (global) rows of it and each process its own contiguous ``batch // world``
+    of those: the processes see disjoint rows whose union is the one-process batch.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    share = batch // world
+    return order[offset * batch : (offset + 1) * batch][rank * share : (rank + 1) * share]
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Keep only the log records up to the checkpoint's step. A run killed outright
+    (SIGKILL, power loss) may have logged steps after its last checkpoint, which the
+    resumed run makes again, and may have left a half-written last line."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    log_file.write_text("".join(kept))
+
+
 def _report(progress, log_file, accelerator, state, steps_per_epoch, max_steps, budget_s, batch,
-            loss_value, optimizer, this_run) -> None:
+            loss_value, optimizer, this_run, world, force=False) -> None:
     if not accelerator.is_main_process:
         return
     run_start, run_first_step = this_run
@@ -241,8 +284,9 @@ def _report(progress, log_file, accelerator, state, steps_per_epoch, max_steps, 
         "progress": round(state["progress"], 4),
         "max_steps": max_steps,
         "budget_s": budget_s,
+        "processes": world,
     }
-    if log_file is not None and (state["step"] % 10 == 0 or state["step"] == 1):
+    if log_file is not None and (force or state["step"] % 10 == 0 or state["step"] == 1):
         with open(log_file, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     if progress is not None:
