@@ -140,6 +140,8 @@ def fit(
     cfg.denoiser.latent_size = cfg.preprocess.image_size // autoencoder.downsample
     if cfg.preprocess.image_size % autoencoder.downsample:
         raise ValueError(f"--image-size must be a multiple of the autoencoder's downsampling ({autoencoder.downsample})")
+    if resume:
+        check_resumable(work / "config.json", cfg)
     work.mkdir(parents=True, exist_ok=True)
     key = cache_key(train_paths, cfg.preprocess, cfg.train, spec)
     with accelerator.local_main_process_first():
@@ -177,6 +179,28 @@ def fit(
     accelerator.wait_for_everyone()
     return FitResult(bundle=out, steps=result.steps, seconds=result.seconds, categories=categories,
                      skipped=skipped, calibration=calibration, is_main_process=main)
+
+
+def check_resumable(saved_file: Path, cfg: ModelConfig) -> None:
+    """--resume rebuilds the settings from the command line, so they must describe the
+    model the checkpoint holds: same image geometry, autoencoder, denoiser and classes
+    (training options such as --max-steps or --time-budget may change). Without this a
+    forgotten --model-size ends in a page of tensor size mismatches."""
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError):
+        return  # no record of the interrupted run's settings: the checkpoint load decides
+    current = cfg.to_dict()
+    changed = [f"{section}.{key} {saved[section][key]!r} -> {value!r}"
+               for section in ("preprocess", "denoiser") for key, value in current[section].items()
+               if isinstance(saved.get(section), dict) and key in saved[section] and saved[section][key] != value]
+    for label, before, now in (("autoencoder", saved.get("autoencoder", {}).get("spec"), cfg.autoencoder.spec),
+                               ("classes", saved.get("categories"), cfg.categories)):
+        if before is not None and before != now:
+            changed.append(f"{label} {before!r} -> {now!r}")
+    if changed:
+        raise ValueError(f"cannot resume from {saved_file.parent / 'checkpoint'}: it was made with other settings "
+                         f"({'; '.join(changed)}); repeat the options of the interrupted run")
 
 
 def _cpu_only_launch() -> bool:
