@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from PIL import Image
 
 from conftest import CATEGORY, decodiff_process
@@ -408,6 +409,18 @@ def test_constant_images_give_finite_scores(invoke, score, bundle, tmp_path):
     assert localized.exit_code == 0, localized.output
     for tiff in out.glob("*.tiff"):
         assert np.isfinite(np.asarray(Image.open(tiff))).all(), tiff
+
+
+def test_nan_producing_model_reports_the_image_as_failed(bundle, good, monkeypatch):
+    """A model that produces NaN (e.g. overflow in reduced precision) must never yield a
+    NaN score that would compare as 'normal': the image is reported as failed."""
+    from decodiff_cli.detector import Detector
+
+    detector = Detector.load(bundle, device="cpu")
+    monkeypatch.setattr(detector.model.denoiser, "forward", lambda z, t, labels=None: torch.full_like(z, float("nan")))
+    (result,) = list(detector.predict([str(good)]))
+    assert result.error is not None and "non-finite" in result.error and good.name in result.error
+    assert not result.is_anomalous and result.anomaly_map is None
 
 
 # --------------------------------------------------------------------------- concurrency

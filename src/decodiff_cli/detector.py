@@ -91,7 +91,7 @@ class Detector:
         if category is not None:
             labels = self._labels(category, len(tensors))
             return self.model.infer(tensors, labels, steps, keep_corrected)
-        runs = {name: self.infer(tensors, name, steps, keep_corrected) for name in self._candidates()}
+        runs = {name: self.infer(tensors, name, steps, keep_corrected) for name in self.categories}
         names = list(runs)
         normalized = torch.stack([runs[n].scores / self._threshold(n, "image_threshold") for n in names])
         best = normalized.argmin(dim=0)
@@ -100,9 +100,6 @@ class Detector:
         merged.timings = {k: sum(r.timings.get(k, 0.0) for r in runs.values()) for k in runs[names[0]].timings}
         merged.categories = [names[b] for b in best.tolist()]  # type: ignore[attr-defined]
         return merged
-
-    def _candidates(self) -> list[str]:
-        return self.categories
 
     def _labels(self, category: str, n: int) -> torch.Tensor | None:
         if not self.class_conditional:
@@ -166,6 +163,8 @@ class Detector:
 
     def _prediction(self, path, image, out: Inference, row: int, category: str, threshold, pixel_threshold) -> Prediction:
         pre = self.bundle.config.preprocess
+        if not torch.isfinite(out.maps[row]).all():  # never let a NaN pass as "normal"
+            return Prediction(path=path, category=category, error=f"{path or 'image'}: the model produced non-finite values")
         amap = map_to_original(out.maps[row].numpy(), image.original_size, pre)
         corrected = None
         if out.corrected is not None:
