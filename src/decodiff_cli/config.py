@@ -95,6 +95,7 @@ class DenoiserConfig:
     latent_channels: int = 4
     latent_size: int = 32
     num_classes: int = 0  # > 0: class-conditional (unified multi-category model)
+    attention: list[bool] = field(default_factory=list)  # per level, fine to coarse; [] = the size's
 
 
 @dataclass

@@ -29,6 +29,10 @@ def unet_kwargs(cfg: DenoiserConfig) -> dict[str, Any]:
     if cfg.size not in SIZES:
         raise ValueError(f"unknown model size {cfg.size!r}; choose one of {', '.join(SIZES)}")
     width, layers, attention, dropout = SIZES[cfg.size]
+    if cfg.attention:
+        if len(cfg.attention) != len(attention):
+            raise ValueError(f"attention needs one flag per level ({len(attention)}), got {cfg.attention}")
+        attention = tuple(bool(a) for a in cfg.attention)
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     kwargs: dict[str, Any] = dict(
