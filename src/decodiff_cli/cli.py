@@ -38,12 +38,6 @@ app = typer.Typer(
 )
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 class Dtype(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -108,12 +102,12 @@ def _collect_inputs(items: List[str]):
     return images, problems
 
 
-def _load_detector(bundle: Path, device: Device, dtype: Dtype, batch_size: int):
+def _load_detector(bundle: Path, device: str, dtype: Dtype, batch_size: int):
     from decodiff_cli.detector import Detector
 
     if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    return Detector.load(bundle, device=device.value, dtype=dtype.value, batch_size=batch_size)
+    return Detector.load(bundle, device=device, dtype=dtype.value, batch_size=batch_size)
 
 
 def _options(detector, class_name: Optional[str], steps: Optional[int], threshold: Optional[float], pixel_threshold: Optional[float] = None):
@@ -152,14 +146,9 @@ BUNDLE_ARG = typer.Argument(..., help="A model bundle made by `decodiff fit`.", 
 INPUTS_ARG = typer.Argument(..., help="Image files, folders (recursive), globs, or - to read paths from stdin.", show_default=False)
 CLASS_OPT = typer.Option(None, "--class", help="Category to score as (unified models); inferred from the path or the image when omitted.")
 BATCH_OPT = typer.Option(8, "--batch-size", help="Images per forward pass.")
-DEVICE_OPT = typer.Option(Device.auto, "--device", help="auto, cpu, cuda (or cuda:N via DECODIFF_DEVICE).")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
 DTYPE_OPT = typer.Option(Dtype.fp32, "--dtype", help="Inference precision: fp32, bf16 (CPU/GPU) or fp16 (GPU).")
 STEPS_OPT = typer.Option(None, "--steps", help="Number of correction steps (model calls); default from the bundle (5).")
-
-
-def _device(device: Device) -> Device:
-    override = os.environ.get("DECODIFF_DEVICE")
-    return Device(override) if override in Device.__members__ else device
 
 
 # ----------------------------------------------------------------------------- score
@@ -178,7 +167,7 @@ def score(
     fail_on_anomaly: bool = typer.Option(False, "--fail-on-anomaly", help="Exit 1 when any image is anomalous."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="With --output: skip images already scored in that file."),
     batch_size: int = BATCH_OPT,
-    device: Device = DEVICE_OPT,
+    device: str = DEVICE_OPT,
     dtype: Dtype = DTYPE_OPT,
     steps: Optional[int] = STEPS_OPT,
 ) -> None:
@@ -196,7 +185,7 @@ def score(
         before = len(images)
         images = runs.skip_already_scored(images, read_scored_paths(output))
         console.info(f"skipping {before - len(images)} already scored image(s)")
-    detector = _load_detector(bundle, _device(device), dtype, batch_size)
+    detector = _load_detector(bundle, device, dtype, batch_size)
     opts = _options(detector, class_name, steps, threshold)
     rows: list = []
     with console.progress_bar() as bar:
@@ -237,7 +226,7 @@ def localize(
     class_name: Optional[str] = CLASS_OPT,
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the calibrated image threshold."),
     batch_size: int = BATCH_OPT,
-    device: Device = DEVICE_OPT,
+    device: str = DEVICE_OPT,
     dtype: Dtype = DTYPE_OPT,
     steps: Optional[int] = STEPS_OPT,
 ) -> None:
@@ -246,7 +235,7 @@ def localize(
 
     images, problems = _collect_inputs(inputs)
     _prepare_out_dir(out, overwrite, images)
-    detector = _load_detector(bundle, _device(device), dtype, batch_size)
+    detector = _load_detector(bundle, device, dtype, batch_size)
     opts = _options(detector, class_name, steps, threshold)
     with console.progress_bar() as bar:
         task = bar.add_task("localizing", total=len(images))
@@ -266,7 +255,7 @@ def export_masks(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Override the calibrated *pixel* threshold."),
     min_area: int = typer.Option(0, "--min-area", help="Drop connected regions smaller than this many pixels."),
     batch_size: int = BATCH_OPT,
-    device: Device = DEVICE_OPT,
+    device: str = DEVICE_OPT,
     dtype: Dtype = DTYPE_OPT,
     steps: Optional[int] = STEPS_OPT,
 ) -> None:
@@ -275,7 +264,7 @@ def export_masks(
 
     images, problems = _collect_inputs(inputs)
     _prepare_out_dir(out, overwrite, images)
-    detector = _load_detector(bundle, _device(device), dtype, batch_size)
+    detector = _load_detector(bundle, device, dtype, batch_size)
     opts = _options(detector, class_name, steps, None, pixel_threshold=threshold)
     with console.progress_bar() as bar:
         task = bar.add_task("masks", total=len(images))

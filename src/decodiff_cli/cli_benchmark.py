@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from decodiff_cli import console
-from decodiff_cli.cli import DEVICE_OPT, DTYPE_OPT, STEPS_OPT, Device, Dtype, _device, _load_detector, app, friendly_errors
+from decodiff_cli.cli import DEVICE_OPT, DTYPE_OPT, STEPS_OPT, Dtype, _load_detector, app, friendly_errors
 from decodiff_cli.console import EXIT_OK
 
 
@@ -30,7 +30,7 @@ def benchmark(
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown table."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write ROC / PR / PRO curves as PNG into this folder."),
     batch_size: int = typer.Option(16, "--batch-size"),
-    device: Device = DEVICE_OPT,
+    device: str = DEVICE_OPT,
     dtype: Dtype = DTYPE_OPT,
     steps: Optional[int] = STEPS_OPT,
 ) -> None:
@@ -43,7 +43,7 @@ def benchmark(
         raise ValueError("give exactly one of --bundle BUNDLE or --maps DIR")
     predictor = None
     if bundle is not None:
-        detector = _load_detector(bundle, _device(device), dtype, batch_size)
+        detector = _load_detector(bundle, device, dtype, batch_size)
         predictor = BundlePredictor(detector, protocol, steps=steps, infer_class=infer_class)
     with console.progress_bar() as bar:
         tasks: dict[str, int] = {}

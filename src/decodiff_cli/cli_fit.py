@@ -10,7 +10,7 @@ import typer
 from rich.progress import TextColumn
 
 from decodiff_cli import console
-from decodiff_cli.cli import Device, app, friendly_errors
+from decodiff_cli.cli import DEVICE_OPT, app, friendly_errors
 from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_OK
 from decodiff_cli.presets import PRESETS, build_config, read_config_file
 
@@ -128,7 +128,7 @@ def calibrate(
     bundle: Path = typer.Argument(..., help="The bundle whose thresholds to recompute.", show_default=False),
     data: List[str] = typer.Argument(..., help="Normal images (not used in training), as for fit.", show_default=False),
     anomalous: Optional[List[Path]] = typer.Option(None, "--anomalous", help="Labelled anomalous images: F1-optimal thresholds."),
-    device: Device = typer.Option(Device.auto, "--device"),
+    device: str = DEVICE_OPT,
 ) -> None:
     """Recompute a bundle's thresholds without retraining."""
     from decodiff_cli.fitting import recalibrate
@@ -137,7 +137,7 @@ def calibrate(
     images, problems = find_training_images(data)
     for item, problem in problems:
         console.warn(problem)
-    calibration = recalibrate(bundle, images, _anomalous_paths(anomalous), device=device.value)
+    calibration = recalibrate(bundle, images, _anomalous_paths(anomalous), device=device)
     rules = {c["rule"] for c in calibration["categories"].values()}
     console.info(f"thresholds set by: {', '.join(sorted(rules))}")
     _print_thresholds(bundle)
