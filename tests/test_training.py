@@ -195,11 +195,12 @@ def test_sigterm_raises_the_stop_flag():
 def test_time_budget_stops_cleanly_with_a_bundle(images, tmp_path):
     out = tmp_path / "model"
     result = fit(_images(images), out, _cfg(time_budget=0.05))  # 3 seconds, no step limit
-    assert result.steps >= 1 and result.seconds >= 3.0
     assert not work_dir_for(out).exists()
     last = _log(out)[-1]
-    assert last["step"] == result.steps and last["budget_s"] == 3.0 and last["max_steps"] == 0
-    assert last["progress"] >= 1.0
+    # The budget covers reading and encoding too: training gets the rest, at least a tenth.
+    assert 0.3 <= last["budget_s"] < 3.0 and last["max_steps"] == 0
+    assert result.steps >= 1 and result.seconds >= last["budget_s"]
+    assert last["step"] == result.steps and last["progress"] >= 1.0
     Detector.load(out, device="cpu")
 
 

@@ -87,6 +87,8 @@ def fit(
                 completed = info["step"] if info["max_steps"] else info["progress"] * 1000
                 bar.update(state["train"], completed=completed, loss=f"{info['loss']:.4f}", speed=f"{info['images_per_s']:.1f}",
                            description=f"training (epoch {info['epoch']:.1f})")
+            elif kind == "warning":
+                console.warn(info["message"])
             elif kind == "calibrate":
                 console.info(f"calibrating on {info['images']} held-out image(s)")
 

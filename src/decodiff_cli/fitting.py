@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +47,18 @@ class FitResult:
 def work_dir_for(out: Path) -> Path:
     """Checkpoints and the latent cache live beside the bundle until it is written."""
     return out.parent / f"{out.name}.work"
+
+
+def training_budget(minutes: float, spent_s: float, emit: Event) -> float:
+    """Seconds left for training once images are read and encoded (0: no budget). At
+    least a tenth of the budget is always trained, even if encoding overran it."""
+    if minutes <= 0:
+        return 0.0
+    left = max(minutes * 60 - spent_s, minutes * 6)
+    if spent_s > minutes * 30:
+        emit("warning", {"message": f"reading and encoding took {spent_s / 60:.1f} of the {minutes:g} budgeted minutes; "
+                                    f"training gets {left / 60:.1f}"})
+    return left
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -110,6 +123,8 @@ def fit(
     if resume and not (work / "checkpoint" / "trainer_state.json").is_file():
         raise ValueError(f"nothing to resume: no checkpoint in {work / 'checkpoint'}")
 
+    began = time.monotonic()  # --time-budget covers reading and encoding too
+
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
     train_paths, train_tensors, labels, holdout, skipped = [], [], [], {}, []
@@ -160,7 +175,8 @@ def fit(
         log_file.unlink(missing_ok=True)
         (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     result = train(cfg, cache, torch.tensor(labels), accelerator, work / "checkpoint", resume=resume,
-                   progress=lambda record: emit("step", record), log_file=log_file, should_stop=should_stop)
+                   progress=lambda record: emit("step", record), log_file=log_file, should_stop=should_stop,
+                   budget_s=training_budget(cfg.train.time_budget_minutes, time.monotonic() - began, emit))
 
     # 4. calibrate on the held-out images, write the bundle (one writer)
     calibration: dict[str, Any] = {}

@@ -120,12 +120,14 @@ def train(
     progress: Progress | None = None,
     log_file: Path | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    budget_s: float | None = None,
 ) -> TrainingResult:
     """Train eps_theta on ``cache`` (raw latents) with class ``labels`` (N,).
 
     ``should_stop(step)``, checked at every step boundary, stops the run as SIGINT does:
     a checkpoint is saved and TrainingInterrupted raised (for callers that stop training
-    programmatically, e.g. a GUI or a test interrupting at a known step).
+    programmatically, e.g. a GUI or a test interrupting at a known step). ``budget_s``
+    overrides the time budget of the config (fit() deducts the time spent encoding).
     """
     tc = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -137,7 +139,7 @@ def train(
     max_steps = tc.max_steps or (tc.epochs * steps_per_epoch if tc.epochs else 0)
     if not max_steps and not tc.time_budget_minutes:
         max_steps = DEFAULT_MAX_STEPS
-    budget_s = tc.time_budget_minutes * 60
+    budget_s = tc.time_budget_minutes * 60 if budget_s is None else budget_s
 
     torch.manual_seed(tc.seed)
     model = Denoiser(cfg.denoiser)
