@@ -113,10 +113,17 @@ def build_cache(
         store: np.ndarray | torch.Tensor = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
     else:
         store = torch.empty(shape, dtype=torch.float16)
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:  # one view at a time in channels-last layout: ~1.5x faster on a CPU (see model.py)
+        autoencoder.to(memory_format=torch.channels_last)
     for index in range(count):
         image = first if index == 0 else get(index)
         views = augmented_views(image, cfg, generator).to(device)
-        latents = autoencoder.encode(views).float().cpu().to(torch.float16)
+        if on_cpu:
+            latents = torch.cat([autoencoder.encode(v[None].contiguous(memory_format=torch.channels_last)) for v in views])
+        else:
+            latents = autoencoder.encode(views)
+        latents = latents.float().cpu().contiguous().to(torch.float16)
         if on_disk:
             store[index] = latents.numpy()
         else:

@@ -59,6 +59,13 @@ class DecoDiffModel:
         self.cfg = cfg
         self.dtype = dtype
         self.autoencoder = autoencoder.to(self.device).eval()
+        # On a CPU the autoencoder's full-resolution convolutions are memory-bound: oneDNN
+        # is faster in channels-last layout, and a few images at a time stay in cache
+        # (batch 8 decodes ~1.5x slower per image than batch 1). A GPU wants whole batches.
+        self.on_cpu = self.device.type == "cpu"
+        self.autoencoder_chunk = 1 if self.on_cpu else 64
+        if self.on_cpu:
+            self.autoencoder.to(memory_format=torch.channels_last)
         self.denoiser = denoiser.to(self.device).eval()
         self.scaler = LatentScaler(cfg.latent_scaling)
         self.abar = alpha_bars(cfg.schedule.num_timesteps, cfg.schedule.kind)
@@ -72,19 +79,23 @@ class DecoDiffModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
+    def _chunked(self, fn, x: torch.Tensor) -> torch.Tensor:
+        layout = torch.channels_last if self.on_cpu else torch.contiguous_format
+        with self._autocast():
+            parts = [fn(part.to(self.device).contiguous(memory_format=layout)).float()
+                     for part in x.split(self.autoencoder_chunk)]
+        return torch.cat(parts).contiguous()
+
+    @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) in [-1, 1] -> normalised latents z0 (float32)."""
-        with self._autocast():
-            raw = self.autoencoder.encode(images.to(self.device))
-        return self.scaler.normalize(raw.float())
+        return self.scaler.normalize(self._chunked(self.autoencoder.encode, images))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.autoencoder.decode(self.scaler.denormalize(z)).float()
+        return self._chunked(self.autoencoder.decode, self.scaler.denormalize(z))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def infer(
         self,
         images: torch.Tensor,
