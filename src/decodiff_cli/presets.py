@@ -20,7 +20,12 @@ from decodiff_cli.config import (
 def _cpu() -> ModelConfig:
     """Defaults for a laptop-class CPU: a 16M-parameter UNet, EMA, a higher lr. Self-attention
     at the finest (32x32) level costs 40% of a CPU training step; the coarser levels keep it."""
-    return ModelConfig(denoiser=DenoiserConfig(size="xs", attention=[False, True, True]))
+    return ModelConfig(
+        denoiser=DenoiserConfig(size="xs", attention=[False, True, True]),
+        # Measured on MVTec bottle with TAEF2 (benchmarks/ablate_maps.py, README "Results"):
+        # the arithmetic mean localises better than the geometric one for small autoencoders.
+        anomaly_map=MapConfig(combine="arithmetic"),
+    )
 
 
 def _paper() -> ModelConfig:
