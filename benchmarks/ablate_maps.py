@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--combines", default="geometric,arithmetic,pixel,latent")
     parser.add_argument("--latent-clips", default="0.2,0.5,1.0")
     parser.add_argument("--pixel-clips", default="0.2,0.4")
+    parser.add_argument("--latent-sigmas", default="1.0", help="blur of the latent map, latent pixels")
+    parser.add_argument("--pixel-sigmas", default="3.0", help="blur of the pixel map, image pixels")
     parser.add_argument("--class-name", default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -68,20 +70,22 @@ def main() -> None:
         timesteps = replace(CorrectionConfig(), num_calls=steps, strategy=strategy).timesteps()
         z0_hat = torch.cat([correct(eps_theta, chunk, model.abar, timesteps, strategy) for chunk in z0.split(8)])
         corrected = torch.cat([model.decode(chunk) for chunk in z0_hat.split(8)])
-        for combine, lclip, pclip in itertools.product(args.combines.split(","),
-                                                        [float(c) for c in args.latent_clips.split(",")],
-                                                        [float(c) for c in args.pixel_clips.split(",")]):
+        floats = lambda text: [float(c) for c in text.split(",")]  # noqa: E731
+        for combine, lclip, pclip, lsig, psig in itertools.product(
+                args.combines.split(","), floats(args.latent_clips), floats(args.pixel_clips),
+                floats(args.latent_sigmas), floats(args.pixel_sigmas)):
             if (combine == "pixel" and lclip != float(args.latent_clips.split(",")[0])) or \
                (combine == "latent" and pclip != float(args.pixel_clips.split(",")[0])):
                 continue  # the unused clip does not matter
-            map_cfg = replace(cfg.anomaly_map, combine=combine, latent_clip=lclip, pixel_clip=pclip)
+            map_cfg = replace(cfg.anomaly_map, combine=combine, latent_clip=lclip, pixel_clip=pclip,
+                              latent_sigma=lsig, pixel_sigma=psig)
             maps = anomaly_maps(z0, z0_hat, recon, corrected, map_cfg, tensors.shape[-2:]).numpy()
             if not same_geometry:
                 maps = np.stack([to_protocol(map_to_original(m, im.original_size, pre), args.protocol)
                                  for m, im in zip(maps, loaded)])
             values = compute_metrics(maps.reshape(len(maps), -1).max(1), image_labels, maps, masks).values
             row = {"strategy": strategy, "steps": steps, "combine": combine, "latent_clip": lclip,
-                   "pixel_clip": pclip, **{k: round(float(v), 4) for k, v in values.items()}}
+                   "pixel_clip": pclip, "latent_sigma": lsig, "pixel_sigma": psig, **{k: round(float(v), 4) for k, v in values.items()}}
             results.append(row)
             print(json.dumps(row), flush=True)
     print(f"# {len(results)} variants in {time.perf_counter() - began:.0f} s", flush=True)

@@ -130,9 +130,17 @@ def test_paper_preset_values():
     assert cfg.correction.timesteps() == [8, 6, 4, 2, 0]
 
 
-def test_cpu_preset_is_the_default_config():
-    assert build_config("cpu", {}) == ModelConfig()
+def test_cpu_preset_differs_from_the_method_defaults_only_where_measured():
+    cpu, method = build_config("cpu", {}), ModelConfig()
+    assert cpu.anomaly_map.combine == "arithmetic" and cpu.denoiser.attention == [False, True, True]
+    cpu.anomaly_map.combine, cpu.denoiser.attention = method.anomaly_map.combine, method.denoiser.attention
+    assert cpu == method
     assert set(PRESETS) == {"cpu", "paper"}
+
+
+def test_a_model_size_option_drops_the_presets_attention_layout():
+    assert build_config("cpu", {"model_size": "tiny"}).denoiser.attention == []
+    assert build_config("cpu", {"model_size": "xs"}).denoiser.attention == [False, True, True]
 
 
 @pytest.mark.parametrize("preset,size,resize", [("paper", 384, 432), ("paper", 512, 576), ("paper", 128, 144),
