@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -45,29 +44,12 @@ from decodiff_cli.denoiser import Denoiser, count_parameters
 from decodiff_cli.deviation import alpha_bars, corrupt, sample_patch_size
 from decodiff_cli.latent_cache import RAM_LIMIT_BYTES, build_cache
 from decodiff_cli.latents import LatentScaler, fit_scaling
+from _common import choose_threads  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 BOTTLE_TRAIN = SHARED / "data" / "mvtec_bottle" / "bottle" / "train" / "good"
 DEFAULT_AE = SHARED / "weights" / "taef2"
-
-
-def choose_threads(option: str) -> str:
-    """Set torch's thread count; 'auto' = 1 on a busy CPU, else torch's default. Returns why."""
-    if option != "auto":
-        torch.set_num_threads(max(1, int(option)))
-        return "as asked"
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return "torch's default"
-    cores = os.cpu_count() or 1
-    if load > 0.75 * cores and torch.get_num_threads() > 1:
-        # On an oversubscribed CPU, OpenMP threads wait on each other at every op: we saw
-        # single training steps take 8x longer with 2 threads than with 1, at random.
-        torch.set_num_threads(1)
-        return f"auto: 1, as the CPU is busy (load average {load:.1f} on {cores} cores); --threads N to override"
-    return "auto: torch's default"
 
 
 def human(nbytes: float) -> str:

@@ -142,6 +142,18 @@ def _prepare_out_dir(out: Path, overwrite: bool, inputs) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _folder_job(label, bundle, inputs, out, overwrite, device, dtype, batch_size, make_options, job):
+    """The shared flow of the commands that write into an output folder."""
+    images, problems = _collect_inputs(inputs)
+    _prepare_out_dir(out, overwrite, images)
+    detector = _load_detector(bundle, device, dtype, batch_size)
+    opts = make_options(detector)
+    with console.progress_bar() as bar:
+        task = bar.add_task(label, total=len(images))
+        summary = job(detector, images, opts, lambda: bar.advance(task))
+    return summary, problems
+
+
 BUNDLE_ARG = typer.Argument(..., help="A model bundle made by `decodiff fit`.", show_default=False)
 INPUTS_ARG = typer.Argument(..., help="Image files, folders (recursive), globs, or - to read paths from stdin.", show_default=False)
 CLASS_OPT = typer.Option(None, "--class", help="Category to score as (unified models); inferred from the path or the image when omitted.")
@@ -233,13 +245,10 @@ def localize(
     """Anomaly heatmaps, overlays, corrected images and raw float TIFF maps, with an index.html gallery."""
     from decodiff_cli import runs
 
-    images, problems = _collect_inputs(inputs)
-    _prepare_out_dir(out, overwrite, images)
-    detector = _load_detector(bundle, device, dtype, batch_size)
-    opts = _options(detector, class_name, steps, threshold)
-    with console.progress_bar() as bar:
-        task = bar.add_task("localizing", total=len(images))
-        summary = runs.localize(detector, images, opts, out, lambda: bar.advance(task))
+    summary, problems = _folder_job(
+        "localizing", bundle, inputs, out, overwrite, device, dtype, batch_size,
+        lambda detector: _options(detector, class_name, steps, threshold),
+        lambda detector, images, opts, advance: runs.localize(detector, images, opts, out, advance))
     console.info(f"{summary.processed} image(s), {summary.anomalous} anomalous; gallery: {console.escape(str(out / 'index.html'))}")
     raise typer.Exit(_exit_code(summary, problems))
 
@@ -262,13 +271,10 @@ def export_masks(
     """Binary masks (PNG, 0/255) at each image's resolution, from the calibrated pixel threshold."""
     from decodiff_cli import runs
 
-    images, problems = _collect_inputs(inputs)
-    _prepare_out_dir(out, overwrite, images)
-    detector = _load_detector(bundle, device, dtype, batch_size)
-    opts = _options(detector, class_name, steps, None, pixel_threshold=threshold)
-    with console.progress_bar() as bar:
-        task = bar.add_task("masks", total=len(images))
-        summary = runs.export_masks(detector, images, opts, out, min_area, lambda: bar.advance(task))
+    summary, problems = _folder_job(
+        "masks", bundle, inputs, out, overwrite, device, dtype, batch_size,
+        lambda detector: _options(detector, class_name, steps, None, pixel_threshold=threshold),
+        lambda detector, images, opts, advance: runs.export_masks(detector, images, opts, out, min_area, advance))
     console.info(f"{summary.processed} mask(s) in {console.escape(str(out))}")
     raise typer.Exit(_exit_code(summary, problems))
 
