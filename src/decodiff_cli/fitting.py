@@ -124,6 +124,7 @@ def fit(
         raise ValueError(f"nothing to resume: no checkpoint in {work / 'checkpoint'}")
 
     began = time.monotonic()  # --time-budget covers reading and encoding too
+    autoencoder = load_autoencoder(cfg.autoencoder.spec).to(accelerator.device)  # fails fast when offline
 
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
@@ -142,8 +143,7 @@ def fit(
     emit("images", {"train": len(train_paths), "holdout": sum(map(len, holdout.values())), "skipped": skipped,
                     "categories": categories})
 
-    # 2. the frozen autoencoder, and every training view encoded once
-    autoencoder = load_autoencoder(cfg.autoencoder.spec).to(accelerator.device)
+    # 2. the frozen autoencoder (loaded above), and every training view encoded once
     spec = cfg.autoencoder.spec
     cfg.autoencoder = describe(autoencoder, spec)
     cfg.categories = categories

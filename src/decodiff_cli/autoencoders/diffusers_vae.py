@@ -6,6 +6,7 @@ and the state dict stored in a bundle.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -33,8 +34,13 @@ class DiffusersAutoencoder(Autoencoder):
 
     @classmethod
     def from_pretrained(cls, kind: str, spec: str) -> "DiffusersAutoencoder":
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # its own retry warnings would precede our one sentence
         try:
-            vae = _diffusers_class(kind).from_pretrained(spec)
+            with warnings.catch_warnings():  # deprecation chatter between diffusers and the hub client
+                warnings.simplefilter("ignore")
+                vae = _diffusers_class(kind).from_pretrained(spec)
         except Exception as err:  # hub offline, missing folder, bad files: one sentence
             raise AutoencoderUnavailable(
                 f"could not load the autoencoder {spec!r} ({type(err).__name__}); without network "
