@@ -37,7 +37,7 @@ def fit(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Stop after this many epochs."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after this many minutes (the lr schedule follows the budget)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Finish within this many minutes, reading and encoding included (the lr schedule follows the budget)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU) or bf16."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Add horizontally flipped views (only if flipped parts are still normal)."),
