@@ -89,17 +89,28 @@ class Detector:
         """Model-space inference for one category; None = pick, per image, the category
         under which the image looks most normal (lowest score / threshold)."""
         if category is not None:
-            labels = self._labels(category, len(tensors))
-            return self.model.infer(tensors, labels, steps, keep_corrected)
-        runs = {name: self.infer(tensors, name, steps, keep_corrected) for name in self.categories}
+            out = self.model.infer(tensors, self._labels(category, len(tensors)), steps, keep_corrected)
+            out.categories = [category] * len(tensors)
+            return out
+        if not self.class_conditional:  # one pass serves every category: only thresholds differ
+            runs = dict.fromkeys(self.categories, self.model.infer(tensors, None, steps, keep_corrected))
+        else:
+            runs = {name: self.infer(tensors, name, steps, keep_corrected) for name in self.categories}
         names = list(runs)
         normalized = torch.stack([runs[n].scores / self._threshold(n, "image_threshold") for n in names])
-        best = normalized.argmin(dim=0)
-        pick = lambda attr: torch.stack([getattr(runs[names[b]], attr)[i] for i, b in enumerate(best.tolist())])  # noqa: E731
-        merged = Inference(maps=pick("maps"), scores=pick("scores"), corrected=pick("corrected") if keep_corrected else None)
-        merged.timings = {k: sum(r.timings.get(k, 0.0) for r in runs.values()) for k in runs[names[0]].timings}
-        merged.categories = [names[b] for b in best.tolist()]  # type: ignore[attr-defined]
-        return merged
+        best = normalized.argmin(dim=0).tolist()
+
+        def pick(attr: str) -> torch.Tensor:
+            return torch.stack([getattr(runs[names[b]], attr)[i] for i, b in enumerate(best)])
+
+        distinct = {id(r): r for r in runs.values()}.values()
+        return Inference(
+            maps=pick("maps"),
+            scores=pick("scores"),
+            corrected=pick("corrected") if keep_corrected else None,
+            timings={k: sum(r.timings.get(k, 0.0) for r in distinct) for k in runs[names[0]].timings},
+            categories=[names[b] for b in best],
+        )
 
     def _labels(self, category: str, n: int) -> torch.Tensor | None:
         if not self.class_conditional:
@@ -152,7 +163,7 @@ class Detector:
         for name, members in groups.items():
             tensors = torch.stack([good[i][1].tensor for i in members])
             out = self.infer(tensors, name, steps, keep_corrected)
-            chosen = getattr(out, "categories", [name] * len(members))
+            chosen = out.categories
             for row, i in enumerate(members):
                 path, image = good[i]
                 results[i] = self._prediction(path, image, out, row, chosen[row], threshold, pixel_threshold)

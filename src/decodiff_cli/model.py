@@ -28,6 +28,7 @@ class Inference:
     scores: torch.Tensor  # (N,) image scores: map maxima
     corrected: torch.Tensor | None  # (N, 3, S, S) in [-1, 1]: D(z0_hat), the "normal" image
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, whole batch
+    categories: list[str] | None = None  # per image, when the caller chose them (Detector.infer)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -1,0 +1,67 @@
+"""A unified model trained on two classes: scoring with the class given, and inferred."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config
+from decodiff_cli.detector import Detector
+from decodiff_cli.fitting import fit
+
+
+def _folder(root: Path, name: str, colour: tuple[int, int, int], count: int = 8) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(len(name))
+    for i in range(count):
+        noise = rng.integers(-12, 12, (64, 64, 3))
+        Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["conditional", "unconditional"])
+def unified(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("unified")
+    images = {name: sorted(_folder(root / "data", name, colour).glob("*.png"))
+              for name, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200)))}
+    out = root / "model"
+    fit(images, out, tiny_config(max_steps=10), class_conditional=request.param)
+    return Detector.load(out, device="cpu"), root / "data"
+
+
+def test_unified_bundle_knows_both_classes(unified):
+    detector, _ = unified
+    assert detector.categories == ["blue", "red"]
+    assert set(detector.thresholds) == {"blue", "red"}
+
+
+def test_class_from_the_path_or_given(unified):
+    detector, data = unified
+    red = str(data / "red" / "000.png")
+    (from_path,) = detector.predict([red])
+    (given,) = detector.predict([red], category="blue")
+    assert from_path.category == "red" and given.category == "blue"
+    assert np.isfinite(from_path.score) and np.isfinite(given.score)
+
+
+def test_class_inferred_when_nothing_says_it(unified):
+    """A PIL image has no path: the class under which it looks most normal is chosen,
+    and its score is that class's score."""
+    detector, data = unified
+    image = Image.open(data / "red" / "001.png")
+    (inferred,) = detector.predict([image])
+    assert inferred.category in ("red", "blue")
+    (explicit,) = detector.predict([image], category=inferred.category)
+    assert inferred.score == pytest.approx(explicit.score, rel=1e-5)
+    assert inferred.normalized_score <= min(
+        r.normalized_score for name in detector.categories for r in detector.predict([image], category=name)) + 1e-6
+
+
+def test_unknown_class_lists_the_known_ones(unified):
+    detector, _ = unified
+    with pytest.raises(ValueError, match="blue, red"):
+        list(detector.predict([np.zeros((64, 64, 3), np.uint8)], category="green"))
