@@ -215,7 +215,9 @@ def score(
 def _print_score_table(rows) -> None:
     from rich.table import Table
 
-    table = Table("path", "class", "score", "threshold", "normalized", "decision")
+    from rich.table import Column
+
+    table = Table(Column("path", overflow="fold"), "class", "score", "threshold", "normalized", "decision")
     for r in rows:
         if r.error:
             table.add_row(console.escape(str(r.path)), "", "", "", "", "[red]failed[/]")
