@@ -136,6 +136,9 @@ class ModelConfig:
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     categories: list[str] = field(default_factory=list)
+    # Per category, the mean of its normalised training latents pooled over space: a
+    # nearest-centroid guess of an image's category when nobody names it.
+    class_centroids: dict[str, list[float]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     decodiff_version: str = ""
 

@@ -86,31 +86,47 @@ class Detector:
         return None
 
     def infer(self, tensors: torch.Tensor, category: str | None, steps: int | None = None, keep_corrected: bool = False) -> Inference:
-        """Model-space inference for one category; None = pick, per image, the category
-        under which the image looks most normal (lowest score / threshold)."""
+        """Model-space inference for one category, or (None) for the category each image
+        most likely belongs to (see ``guess_categories``)."""
         if category is not None:
             out = self.model.infer(tensors, self._labels(category, len(tensors)), steps, keep_corrected)
             out.categories = [category] * len(tensors)
             return out
+        if len(self.categories) == 1:
+            return self.infer(tensors, self.categories[0], steps, keep_corrected)
+        z0 = self.model.encode(tensors)
+        guesses = self.guess_categories(z0, tensors, steps)
         if not self.class_conditional:  # one pass serves every category: only thresholds differ
-            runs = dict.fromkeys(self.categories, self.model.infer(tensors, None, steps, keep_corrected))
-        else:
-            runs = {name: self.infer(tensors, name, steps, keep_corrected) for name in self.categories}
-        names = list(runs)
-        normalized = torch.stack([runs[n].scores / self._threshold(n, "image_threshold") for n in names])
-        best = normalized.argmin(dim=0).tolist()
+            out = self.model.infer(tensors, None, steps, keep_corrected, z0=z0)
+            out.categories = guesses
+            return out
+        parts = []
+        for name in dict.fromkeys(guesses):
+            rows = torch.tensor([i for i, g in enumerate(guesses) if g == name])
+            parts.append((rows, self.model.infer(tensors[rows], self._labels(name, len(rows)), steps, keep_corrected, z0=z0[rows])))
+        order = torch.cat([rows for rows, _ in parts]).argsort()
 
-        def pick(attr: str) -> torch.Tensor:
-            return torch.stack([getattr(runs[names[b]], attr)[i] for i, b in enumerate(best)])
+        def merged(attr: str) -> torch.Tensor | None:
+            values = [getattr(out, attr) for _, out in parts]
+            return None if values[0] is None else torch.cat(values)[order]
 
-        distinct = {id(r): r for r in runs.values()}.values()
-        return Inference(
-            maps=pick("maps"),
-            scores=pick("scores"),
-            corrected=pick("corrected") if keep_corrected else None,
-            timings={k: sum(r.timings.get(k, 0.0) for r in distinct) for k in runs[names[0]].timings},
-            categories=[names[b] for b in best],
-        )
+        return Inference(maps=merged("maps"), scores=merged("scores"), corrected=merged("corrected"),
+                         timings={k: sum(out.timings.get(k, 0.0) for _, out in parts) for k in parts[0][1].timings},
+                         categories=guesses)
+
+    def guess_categories(self, z0: torch.Tensor, tensors: torch.Tensor, steps: int | None = None) -> list[str]:
+        """Nearest class centroid of the pooled latent (stored at fit time). Why not "the
+        class under which the image looks most normal": an anomalous image is, by
+        definition, abnormal under its own class, and often looks less so under another."""
+        centroids = self.bundle.config.class_centroids
+        if set(centroids) == set(self.categories):
+            table = torch.tensor([centroids[name] for name in self.categories])
+            pooled = z0.float().mean(dim=(2, 3)).cpu()
+            return [self.categories[i] for i in torch.cdist(pooled, table).argmin(dim=1).tolist()]
+        # Bundles without centroids: the lowest score relative to each class's threshold.
+        normalized = torch.stack([self.infer(tensors, name, steps).scores / self._threshold(name, "image_threshold")
+                                  for name in self.categories])
+        return [self.categories[i] for i in normalized.argmin(dim=0).tolist()]
 
     def _labels(self, category: str, n: int) -> torch.Tensor | None:
         if not self.class_conditional:

@@ -26,7 +26,7 @@ from decodiff_cli.calibration import labelled_thresholds, make_calibration, norm
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.images import ImageReadError, load_image
 from decodiff_cli.latent_cache import build_cache, cache_key
-from decodiff_cli.latents import fit_scaling
+from decodiff_cli.latents import LatentScaler, fit_scaling
 
 MIN_IMAGES = 4  # per category: at least 3 to train on and 1 to calibrate with
 
@@ -59,6 +59,14 @@ def training_budget(minutes: float, spent_s: float, emit: Event) -> float:
         emit("warning", {"message": f"reading and encoding took {spent_s / 60:.1f} of the {minutes:g} budgeted minutes; "
                                     f"training gets {left / 60:.1f}"})
     return left
+
+
+def class_centroids(cache, labels: list[int], categories: list[str], scaler: LatentScaler) -> dict[str, list[float]]:
+    """Mean normalised latent of each category, pooled over space (first view of each image)."""
+    pooled = torch.stack([scaler.normalize(cache.batch(torch.tensor([i]), torch.tensor([0]))).mean(dim=(0, 2, 3))
+                          for i in range(cache.num_images)])
+    label_tensor = torch.tensor(labels)
+    return {name: pooled[label_tensor == index].mean(dim=0).tolist() for index, name in enumerate(categories)}
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -168,6 +176,8 @@ def fit(
         # np.array copies: a read-only memmap slice handed to torch.from_numpy warns.
         first_views = torch.from_numpy(np.array(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()
         cfg.latent_scaling = fit_scaling(first_views, cfg.latent_scaling.kind, cfg.latent_scaling.factor)
+    if len(categories) > 1:
+        cfg.class_centroids = class_centroids(cache, labels, categories, LatentScaler(cfg.latent_scaling))
 
     # 3. train
     log_file = work / "training_log.jsonl"

@@ -103,6 +103,7 @@ class DecoDiffModel:
         class_ids: torch.Tensor | None = None,
         num_calls: int | None = None,
         keep_corrected: bool = False,
+        z0: torch.Tensor | None = None,
     ) -> Inference:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -114,7 +115,7 @@ class DecoDiffModel:
             timings[stage] = timings.get(stage, 0.0) + now - clock
             clock = now
 
-        z0 = self.encode(images)
+        z0 = self.encode(images) if z0 is None else z0.to(self.device)  # callers may have encoded already
         lap("encode")
 
         labels = class_ids.to(self.device) if class_ids is not None else None
