@@ -12,6 +12,7 @@ with ``error`` set (and no map) instead of stopping the batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -94,11 +95,14 @@ class Detector:
             return out
         if len(self.categories) == 1:
             return self.infer(tensors, self.categories[0], steps, keep_corrected)
+        began = time.perf_counter()
         z0 = self.model.encode(tensors)
+        encode_s = time.perf_counter() - began  # model.infer is handed z0, so it cannot time this
         guesses = self.guess_categories(z0, tensors, steps)
         if not self.class_conditional:  # one pass serves every category: only thresholds differ
             out = self.model.infer(tensors, None, steps, keep_corrected, z0=z0)
             out.categories = guesses
+            out.timings["encode"] = out.timings.get("encode", 0.0) + encode_s
             return out
         parts = []
         for name in dict.fromkeys(guesses):
@@ -110,9 +114,10 @@ class Detector:
             values = [getattr(out, attr) for _, out in parts]
             return None if values[0] is None else torch.cat(values)[order]
 
+        timings = {k: sum(out.timings.get(k, 0.0) for _, out in parts) for k in parts[0][1].timings}
+        timings["encode"] = timings.get("encode", 0.0) + encode_s
         return Inference(maps=merged("maps"), scores=merged("scores"), corrected=merged("corrected"),
-                         timings={k: sum(out.timings.get(k, 0.0) for _, out in parts) for k in parts[0][1].timings},
-                         categories=guesses)
+                         timings=timings, categories=guesses)
 
     def guess_categories(self, z0: torch.Tensor, tensors: torch.Tensor, steps: int | None = None) -> list[str]:
         """Nearest class centroid of the pooled latent (stored at fit time). Why not "the
