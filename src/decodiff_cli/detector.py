@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -212,12 +212,3 @@ class Detector:
             original=image.original,
             corrected=corrected,
         )
-
-
-def predict_maps(detector: Detector, tensors: Sequence[torch.Tensor], category: str, steps: int | None = None) -> np.ndarray:
-    """Model-space maps (N, S, S) for already-preprocessed tensors (benchmarks, calibration)."""
-    maps = []
-    for start in range(0, len(tensors), detector.batch_size):
-        chunk = torch.stack(list(tensors[start : start + detector.batch_size]))
-        maps.append(detector.infer(chunk, category, steps).maps.numpy())
-    return np.concatenate(maps) if maps else np.zeros((0, 0, 0), np.float32)
