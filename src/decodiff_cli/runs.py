@@ -90,9 +90,10 @@ def localize(detector: Detector, images: list[InputImage], opts: InferenceOption
             entries.append(GalleryEntry(name=name, error=pred.error))
         else:
             target = paths[image.path]
-            save_float_tiff(target.anomaly_map, pred.anomaly_map)
-            save_image(target.heatmap, heatmap_image(pred.anomaly_map))
-            save_image(target.overlay, overlay_image(pred.original, pred.anomaly_map))
+            save_float_tiff(target.anomaly_map, pred.anomaly_map)  # raw values, for evaluation
+            shown = display_map(pred.anomaly_map, pred.pixel_threshold)
+            save_image(target.heatmap, heatmap_image(shown))
+            save_image(target.overlay, overlay_image(pred.original, shown))
             save_image(target.reconstruction, pred.corrected)
             entries.append(GalleryEntry(name=name, score=pred.score, threshold=pred.threshold,
                                         is_anomalous=pred.is_anomalous, heatmap=target.heatmap,
@@ -100,6 +101,14 @@ def localize(detector: Detector, images: list[InputImage], opts: InferenceOption
         advance()
     write_gallery(out_dir, entries)
     return summary
+
+
+def display_map(amap, pixel_threshold: float):
+    """Colour scale for people: the pixel threshold sits mid-scale, so what the masks
+    would flag is clearly bright and normal texture stays dark, whatever the map's range."""
+    if not pixel_threshold > 0:
+        return amap
+    return (amap / (2 * pixel_threshold)).clip(0, 1)
 
 
 def export_masks(detector: Detector, images: list[InputImage], opts: InferenceOptions, out_dir: Path,
