@@ -18,7 +18,8 @@ import torch
 from decodiff_cli.bundle import AUTOENCODER, DENOISER, TRAINING_LOG, load_state, read_bundle, write_bundle
 from decodiff_cli.config import TrainConfig
 from decodiff_cli.detector import Detector
-from decodiff_cli.fitting import class_centroids, load_usable
+from decodiff_cli.images import load_image
+from decodiff_cli.fitting import class_centroids, usable_images
 from decodiff_cli.latent_cache import build_cache
 
 
@@ -32,8 +33,9 @@ def main() -> None:
         found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         paths += found
         labels += [cfg.categories.index(name)] * len(found)
-    _, tensors, _ = load_usable(paths, cfg, strict=True)
-    cache = build_cache(tensors, len(tensors), detector.model.autoencoder, TrainConfig(augment_variants=1), torch.device("cpu"))
+    usable, _ = usable_images(paths, cfg, strict=True)
+    cache = build_cache(lambda i: load_image(usable[i], cfg.preprocess).tensor, len(usable),
+                        detector.model.autoencoder, TrainConfig(augment_variants=1), torch.device("cpu"))
     cfg.class_centroids = class_centroids(cache, labels, cfg.categories, detector.model.scaler)
     autoencoder = load_state(old / AUTOENCODER) if (old / AUTOENCODER).is_file() else {}
     write_bundle(new, cfg, load_state(old / DENOISER), autoencoder, bundle.calibration, old / TRAINING_LOG)

@@ -24,7 +24,7 @@ from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
 from decodiff_cli.config import ModelConfig
-from decodiff_cli.images import ImageReadError, load_image
+from decodiff_cli.images import ImageReadError, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
 
@@ -77,17 +77,19 @@ def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -
     return sorted(order[count:]), sorted(order[:count])
 
 
-def load_usable(paths: list[Path], cfg: ModelConfig, strict: bool) -> tuple[list[Path], list[torch.Tensor], list[tuple[str, str]]]:
-    usable, tensors, skipped = [], [], []
+def usable_images(paths: list[Path], cfg: ModelConfig, strict: bool) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The paths that decode, and (path, reason) for the others. Nothing is kept in memory:
+    images are decoded again when encoded, so datasets larger than RAM still train."""
+    usable, skipped = [], []
     for path in paths:
         try:
-            tensors.append(load_image(path, cfg.preprocess).tensor)
+            read_image(path)
             usable.append(path)
         except ImageReadError as err:
             if strict:
                 raise ValueError(f"{err} (--strict stops at the first unreadable file)") from None
             skipped.append((str(path), str(err)))
-    return usable, tensors, skipped
+    return usable, skipped
 
 
 def fit(
@@ -136,18 +138,15 @@ def fit(
 
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
-    train_paths, train_tensors, labels, holdout, skipped = [], [], [], {}, []
+    train_paths, labels, holdout, skipped = [], [], {}, []
     for index, name in enumerate(categories):
-        usable, tensors, bad = load_usable(images[name], cfg, strict)
+        usable, bad = usable_images(images[name], cfg, strict)
         skipped += bad
         if len(usable) < MIN_IMAGES:
             raise ValueError(f"class {name!r} has {len(usable)} usable image(s); at least {MIN_IMAGES} are needed")
-        train_part, holdout_part = split_holdout(usable, cfg.train.holdout_fraction, cfg.train.min_holdout, cfg.train.seed)
-        by_path = dict(zip(usable, tensors))
+        train_part, holdout[name] = split_holdout(usable, cfg.train.holdout_fraction, cfg.train.min_holdout, cfg.train.seed)
         train_paths += train_part
-        train_tensors += [by_path[p] for p in train_part]
         labels += [index] * len(train_part)
-        holdout[name] = [by_path[p] for p in holdout_part]
     emit("images", {"train": len(train_paths), "holdout": sum(map(len, holdout.values())), "skipped": skipped,
                     "categories": categories})
 
@@ -168,7 +167,8 @@ def fit(
     work.mkdir(parents=True, exist_ok=True)
     key = cache_key(train_paths, cfg.preprocess, cfg.train, spec)
     with accelerator.local_main_process_first():
-        cache = build_cache(train_tensors, len(train_tensors), autoencoder, cfg.train, accelerator.device,
+        cache = build_cache(lambda i: load_image(train_paths[i], cfg.preprocess).tensor, len(train_paths),
+                            autoencoder, cfg.train, accelerator.device,
                             folder=work / "cache", key=key,
                             progress=lambda done, total: emit("encode", {"done": done, "total": total}))
     emit("cache", {"bytes": cache.nbytes, "on_disk": cache.on_disk, "images": cache.num_images})
@@ -264,16 +264,19 @@ def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str]) -
     return result
 
 
-def calibrate_model(model, holdout: dict[str, list[torch.Tensor]],
+def calibrate_model(model, holdout: dict[str, list[Path | torch.Tensor]],
                     anomalous: dict[str, list[tuple[torch.Tensor, np.ndarray | None]]] | None = None) -> dict[str, Any]:
     """Thresholds per category from held-out normals (and labelled anomalies, if any)."""
     categories = model.cfg.categories
     anomalous = anomalous or {}
 
-    def run(name: str, tensors: list[torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def tensor(item: Path | torch.Tensor) -> torch.Tensor:  # paths are read only when needed
+        return item if isinstance(item, torch.Tensor) else load_image(item, model.cfg.preprocess).tensor
+
+    def run(name: str, items: list[Path | torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray]]:
         scores, maps = [], []
-        for start in range(0, len(tensors), 8):
-            chunk = torch.stack(tensors[start : start + 8])
+        for start in range(0, len(items), 8):
+            chunk = torch.stack([tensor(item) for item in items[start : start + 8]])
             labels = torch.full((len(chunk),), categories.index(name)) if model.cfg.denoiser.num_classes else None
             out = model.infer(chunk, labels)
             scores.append(out.scores.numpy())
@@ -307,14 +310,14 @@ def recalibrate(bundle_path: Path, normal: dict[str, list[Path]], anomalous: lis
 
     detector = Detector.load(bundle_path, device=device)
     cfg = detector.bundle.config
-    holdout: dict[str, list[torch.Tensor]] = {}
+    holdout: dict[str, list[Path]] = {}
     for name, paths in normal.items():
         if name not in cfg.categories:
             if len(cfg.categories) > 1:
                 raise ValueError(f"class {name!r} is not in this model ({', '.join(cfg.categories)})")
             name = cfg.categories[0]
-        usable, tensors, _ = load_usable(paths, cfg, strict=False)
-        holdout.setdefault(name, []).extend(tensors)
+        usable, _ = usable_images(paths, cfg, strict=False)
+        holdout.setdefault(name, []).extend(usable)
     calibration = calibrate_model(detector.model, holdout, load_anomalous([Path(p) for p in anomalous], cfg, cfg.categories))
     previous = detector.bundle.calibration.get("categories", {})
     calibration["categories"] = {**previous, **calibration["categories"]}
