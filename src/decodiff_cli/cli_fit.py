@@ -79,7 +79,8 @@ def fit(
                 bar.update(state["encode"], completed=info["done"])
             elif kind == "cache":
                 where = "on disk" if info["on_disk"] else "in RAM"
-                console.info(f"latent cache: {info['bytes'] / 2**20:.1f} MiB {where} for {info['images']} image(s)")
+                console.info(f"latent cache: {info['bytes'] / 2**20:.1f} MiB {where} for {info['images']} image(s), "
+                             f"{info['views']} view(s) each")
             elif kind == "step":
                 if "train" not in state:
                     total = info["max_steps"] or 1000

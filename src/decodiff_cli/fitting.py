@@ -49,6 +49,15 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
+ENCODING_SHARE = 0.25  # of a time budget, at most, for augmented views beyond the first
+
+
+def encoding_limit(minutes: float) -> float | None:
+    """Extra augmented views are encoded only while they fit in a quarter of the budget:
+    with a short budget, steps on the original images are worth more than more views."""
+    return minutes * 60 * ENCODING_SHARE if minutes > 0 else None
+
+
 def training_budget(minutes: float, spent_s: float, emit: Event) -> float:
     """Seconds left for training once images are read and encoded (0: no budget). At
     least a tenth of the budget is always trained, even if encoding overran it."""
@@ -169,9 +178,10 @@ def fit(
     with accelerator.local_main_process_first():
         cache = build_cache(lambda i: load_image(train_paths[i], cfg.preprocess).tensor, len(train_paths),
                             autoencoder, cfg.train, accelerator.device,
-                            folder=work / "cache", key=key,
+                            folder=work / "cache", key=key, time_limit_s=encoding_limit(cfg.train.time_budget_minutes),
                             progress=lambda done, total: emit("encode", {"done": done, "total": total}))
-    emit("cache", {"bytes": cache.nbytes, "on_disk": cache.on_disk, "images": cache.num_images})
+    emit("cache", {"bytes": cache.nbytes, "on_disk": cache.on_disk, "images": cache.num_images,
+                   "views": cache.latents.shape[1]})
     if cfg.latent_scaling.kind == "channel" or not cfg.latent_scaling.mean:
         # np.array copies: a read-only memmap slice handed to torch.from_numpy warns.
         first_views = torch.from_numpy(np.array(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()

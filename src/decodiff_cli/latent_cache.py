@@ -4,7 +4,8 @@ The autoencoder is frozen, so running it on every step would only repeat work: w
 TAEF2 on a CPU, encoding costs more than the denoiser's own step. Each image is encoded
 in ``augment_variants`` views: the original plus copies shifted by up to ``max_shift``
 pixels (the paper's random translation), flipped where asked. A training step picks one
-view per image at random.
+view per image at random. Under a time budget, views beyond the first are encoded only
+while they fit in a quarter of it.
 
 Small caches live in RAM; caches larger than ``ram_limit_bytes`` are written to an .npy
 file in the work folder and memory-mapped, so datasets larger than RAM still train.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,21 +52,23 @@ class LatentCache:
         return self.latents[images, views].float()
 
 
-def augmented_views(image: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """(3, S, S) -> (V, 3, S, S): view 0 is the image itself, the others shifted/flipped."""
-    views = [image]
-    size = image.shape[-1]
-    pad = cfg.max_shift
-    padded = F.pad(image[None], (pad, pad, pad, pad), mode="replicate")[0] if pad else image
-    for _ in range(cfg.augment_variants - 1):
-        dy, dx = (torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist() if pad else (0, 0))
-        view = padded[:, dy : dy + size, dx : dx + size]
-        if cfg.hflip and torch.rand(1, generator=generator) < 0.5:
-            view = view.flip(-1)
-        if cfg.vflip and torch.rand(1, generator=generator) < 0.5:
-            view = view.flip(-2)
-        views.append(view)
-    return torch.stack(views)
+def augmented_view(image: torch.Tensor, cfg: TrainConfig, index: int, view: int) -> torch.Tensor:
+    """(3, S, S) -> view ``view`` of image ``index``: view 0 is the image itself, the
+    others shifted (and flipped where asked), drawn from a generator seeded by
+    (seed, image, view) so that any view can be made again on its own."""
+    if view == 0:
+        return image
+    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + index) * 64 + view)
+    size, pad = image.shape[-1], cfg.max_shift
+    out = image
+    if pad:
+        dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+        out = F.pad(image[None], (pad, pad, pad, pad), mode="replicate")[0][:, dy : dy + size, dx : dx + size]
+    if cfg.hflip and torch.rand(1, generator=generator) < 0.5:
+        out = out.flip(-1)
+    if cfg.vflip and torch.rand(1, generator=generator) < 0.5:
+        out = out.flip(-2)
+    return out
 
 
 def cache_key(paths: Sequence[Path], pre: PreprocessConfig, cfg: TrainConfig, autoencoder_spec: str) -> str:
@@ -89,49 +93,49 @@ def build_cache(
     key: str = "",
     ram_limit_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    time_limit_s: float | None = None,
 ) -> LatentCache:
     """Encode ``count`` images (a list, or a function index -> (3, S, S) tensor).
 
+    Views are encoded one after the other for all images (view 0, the image itself,
+    first). With ``time_limit_s``, no further view is started once it would end past the
+    limit: a short time budget is then spent training, not encoding (at least view 0).
     ``ram_limit_bytes`` defaults to the module's RAM_LIMIT_BYTES, read at call time (not
     bound when this function is defined) so that setting it reaches callers like fit().
     """
     if ram_limit_bytes is None:
         ram_limit_bytes = RAM_LIMIT_BYTES
     get = images if callable(images) else images.__getitem__
-    generator = torch.Generator().manual_seed(cfg.seed)
-    first = get(0)
-    side = first.shape[-1] // autoencoder.downsample
+    side = get(0).shape[-1] // autoencoder.downsample
     shape = (count, cfg.augment_variants, autoencoder.latent_channels, side, side)
-    nbytes = int(np.prod(shape)) * 2
-    on_disk = folder is not None and nbytes > ram_limit_bytes
+    on_disk = folder is not None and int(np.prod(shape)) * 2 > ram_limit_bytes
     if on_disk:
         folder.mkdir(parents=True, exist_ok=True)
-        file = folder / f"latents-{key}.npy"
-        done = folder / f"latents-{key}.done"
+        file, done = folder / f"latents-{key}.npy", folder / f"latents-{key}.done"
         if file.is_file() and done.is_file():  # a finished cache from an earlier (resumed) run
-            return LatentCache(np.load(file, mmap_mode="r"), on_disk=True)
+            return LatentCache(np.load(file, mmap_mode="r")[:, : int(done.read_text())], on_disk=True)
         store: np.ndarray | torch.Tensor = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
     else:
         store = torch.empty(shape, dtype=torch.float16)
     on_cpu = torch.device(device).type == "cpu"
     if on_cpu:  # one view at a time in channels-last layout: ~1.5x faster on a CPU (see model.py)
         autoencoder.to(memory_format=torch.channels_last)
-    for index in range(count):
-        image = first if index == 0 else get(index)
-        views = augmented_views(image, cfg, generator).to(device)
-        if on_cpu:
-            latents = torch.cat([autoencoder.encode(v[None].contiguous(memory_format=torch.channels_last)) for v in views])
-        else:
-            latents = autoencoder.encode(views)
-        latents = latents.float().cpu().contiguous().to(torch.float16)
-        if on_disk:
-            store[index] = latents.numpy()
-        else:
-            store[index] = latents
-        if progress is not None:
-            progress(index + 1, count)
+    layout = torch.channels_last if on_cpu else torch.contiguous_format
+    began, views_done = time.monotonic(), 0
+    for view in range(cfg.augment_variants):
+        for index in range(count):
+            image = augmented_view(get(index), cfg, index, view).to(device)
+            latent = autoencoder.encode(image[None].contiguous(memory_format=layout))[0]
+            latent = latent.float().cpu().contiguous().to(torch.float16)
+            store[index, view] = latent.numpy() if on_disk else latent
+            if progress is not None:
+                progress(view * count + index + 1, count * cfg.augment_variants)
+        views_done = view + 1
+        per_view = (time.monotonic() - began) / views_done
+        if time_limit_s is not None and (views_done + 1) * per_view > time_limit_s:
+            break
     if on_disk:
         store.flush()
-        done.write_text("ok\n")
-        return LatentCache(np.load(file, mmap_mode="r"), on_disk=True)
-    return LatentCache(store, on_disk=False)
+        done.write_text(f"{views_done}\n")
+        return LatentCache(np.load(file, mmap_mode="r")[:, :views_done], on_disk=True)
+    return LatentCache(store[:, :views_done], on_disk=False)
