@@ -176,13 +176,16 @@ def train(
             trainer_file.write_text(json.dumps(state))
         accelerator.wait_for_everyone()
 
+    def update_progress() -> None:
+        state["elapsed"] = time.monotonic() - started
+        by_steps = state["step"] / max_steps if max_steps else 0.0
+        by_time = state["elapsed"] / budget_s if budget_s else 0.0
+        state["progress"] = max(by_steps, by_time)
+
     model.train()
+    update_progress()
     with _StopFlag() as stop:
-        while True:
-            state["elapsed"] = time.monotonic() - started
-            by_steps = state["step"] / max_steps if max_steps else 0.0
-            by_time = state["elapsed"] / budget_s if budget_s else 0.0
-            state["progress"] = max(by_steps, by_time)
+        while True:  # progress is updated after each step: the last log record is the stopping state
             asked = stop.raised or (should_stop is not None and should_stop(state["step"]))
             flags = torch.tensor([float(state["progress"] >= 1.0), float(asked)], device=device)
             flags = accelerator.reduce(flags, reduction="sum") if world > 1 else flags
@@ -214,6 +217,7 @@ def train(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1  # before scheduler.step(): the next lr is that of step + 1
+            update_progress()  # the log record describes the state after this step
             scheduler.step()
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), state["step"])
