@@ -184,6 +184,7 @@ def expand_inputs(
 
 
 def _is_bundle(folder: Path) -> bool:
+    # bundle.py's file names, not imported: that module pulls in torch, this one must not.
     return all(os.path.isfile(folder / name) for name in ("config.json", "denoiser.safetensors"))
 
 
