@@ -96,7 +96,7 @@ def test_round_trip_gives_identical_weights_and_outputs(parts, written):
     assert b.calibration == CALIB
     assert set(b.files()) == {CONFIG, CALIBRATION, CHECKSUMS, DENOISER, TRAINING_LOG}  # no autoencoder file for pixel
     assert (written / TRAINING_LOG).read_text() == '{"step": 1, "loss": 0.5}\n'
-    ae, den = load_networks(b)
+    ae, den, _ = load_networks(b)
     assert isinstance(ae, PixelAutoencoder)
     assert not den.training
     original, loaded = denoiser.state_dict(), den.state_dict()
@@ -293,7 +293,7 @@ def test_embedded_autoencoder_round_trip_and_wrong_shape(tmp_path):
     den_state = Denoiser(cfg.denoiser).state_dict()
     good = write_bundle(tmp_path / "good", cfg, den_state, ae4.state_dict(), {})
     assert (good / AUTOENCODER).is_file()
-    ae, _ = load_networks(read_bundle(good))
+    ae, _, _ = load_networks(read_bundle(good))
     for k, v in ae4.state_dict().items():
         assert torch.equal(ae.state_dict()[k], v), k
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_config
+from decodiff_cli.config import MapConfig
 from decodiff_cli.detector import Detector
 from decodiff_cli.fitting import fit
 
@@ -23,13 +24,18 @@ def _folder(root: Path, name: str, colour: tuple[int, int, int], count: int = 8)
     return folder
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["conditional", "unconditional"])
+@pytest.fixture(scope="module", params=[(True, "none"), (False, "none"), (False, "position"), (True, "position")],
+                ids=["conditional", "unconditional", "unconditional-reference", "conditional-reference"])
 def unified(request, tmp_path_factory):
+    """With a map reference, each class has its own: the class decides the map, not only the threshold."""
+    conditional, reference = request.param
     root = tmp_path_factory.mktemp("unified")
     images = {name: sorted(_folder(root / "data", name, colour).glob("*.png"))
               for name, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200)))}
     out = root / "model"
-    fit(images, out, tiny_config(max_steps=10), class_conditional=request.param)
+    cfg = tiny_config(max_steps=10)
+    cfg.anomaly_map = MapConfig(reference=reference)
+    fit(images, out, cfg, class_conditional=conditional)
     return Detector.load(out, device="cpu"), root / "data"
 
 

@@ -11,9 +11,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from decodiff_cli.config import MapConfig
+from decodiff_cli.config import COMBINATIONS, REFERENCES, MapConfig
 
-COMBINATIONS = ("geometric", "arithmetic", "pixel", "latent")
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -45,10 +44,32 @@ def pixel_discrepancy(corrected: torch.Tensor, reconstructed: torch.Tensor, clip
     return gaussian_blur(diff.clamp(max=clip) / clip, sigma)
 
 
-def latent_discrepancy(z0_hat: torch.Tensor, z0: torch.Tensor, clip: float, sigma: float, size: tuple[int, int]) -> torch.Tensor:
-    """|z0_hat - z0| mean over channels, clipped, blurred, upsampled to image size."""
-    diff = (z0_hat - z0).abs().mean(dim=1, keepdim=True)
-    diff = gaussian_blur(diff.clamp(max=clip) / clip, sigma)
+def latent_difference(z0_hat: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+    """|z0_hat - z0| mean over channels: (N, C, h, w) -> (N, 1, h, w), latent resolution."""
+    return (z0_hat - z0).abs().mean(dim=1, keepdim=True)
+
+
+def normal_reference(differences: torch.Tensor) -> torch.Tensor:
+    """Per-position mean and spread of the latent difference over (N >= 2) normal images:
+    (N, 1, h, w) -> (2, h, w). Blurred a little, because a few dozen images give noisy
+    per-position statistics."""
+    if len(differences) < 2:
+        raise ValueError("a normal reference needs at least 2 images")
+    mean = gaussian_blur(differences.mean(dim=0, keepdim=True), 1.0)
+    spread = gaussian_blur(differences.std(dim=0, keepdim=True), 1.0)
+    return torch.cat([mean, spread])[:, 0]
+
+
+def latent_discrepancy(z0_hat: torch.Tensor, z0: torch.Tensor, clip: float, sigma: float, size: tuple[int, int],
+                       reference: torch.Tensor | None = None) -> torch.Tensor:
+    """|z0_hat - z0| mean over channels, clipped, blurred, upsampled to image size. With a
+    (N, 2, h, w) reference, first a z-score against normal images; the spread is floored
+    at its mean, so that places that never change on normal images do not explode."""
+    diff = latent_difference(z0_hat, z0)
+    if reference is not None:
+        mean, spread = reference[:, :1], reference[:, 1:]
+        diff = (diff - mean) / (spread + spread.mean(dim=(2, 3), keepdim=True) + 1e-6)
+    diff = gaussian_blur(diff.clamp(0, clip) / clip, sigma)
     return F.interpolate(diff, size=size, mode="bilinear", align_corners=False)
 
 
@@ -71,13 +92,22 @@ def anomaly_maps(
     corrected: torch.Tensor | None,
     cfg: MapConfig,
     size: tuple[int, int],
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(N, H, W) maps in [0, 1]. The decoded images are only needed when the pixel term is used."""
+    """(N, H, W) maps in [0, 1]. The decoded images are only needed when the pixel term is
+    used; the (N, 2, h, w) normal reference only when ``cfg.reference`` is not "none"."""
     pixel = latent = None
     if cfg.combine != "latent":
         pixel = pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma)
     if cfg.combine != "pixel":
-        latent = latent_discrepancy(z0_hat.float(), z0.float(), cfg.latent_clip, cfg.latent_sigma, size)
+        if cfg.reference not in REFERENCES:
+            raise ValueError(f"unknown map reference {cfg.reference!r}; choose one of {', '.join(REFERENCES)}")
+        if cfg.reference == "none":
+            reference = None
+        elif reference is None:
+            raise ValueError(f"map reference {cfg.reference!r} needs the normal statistics stored at fit time")
+        clip = cfg.latent_clip if reference is None else cfg.reference_clip
+        latent = latent_discrepancy(z0_hat.float(), z0.float(), clip, cfg.latent_sigma, size, reference)
     return combine(pixel, latent, cfg.combine)[:, 0].clamp(0, 1)
 
 

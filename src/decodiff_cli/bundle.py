@@ -5,6 +5,8 @@
     calibration.json         thresholds per category, and the rule that set them
     denoiser.safetensors     eps_theta weights (the EMA weights when EMA was used)
     autoencoder.safetensors  the frozen autoencoder, embedded (absent for `pixel`)
+    normal_reference.safetensors  per-class statistics of the correction on normal images
+                             (only with the map's `reference` option)
     training_log.jsonl       one JSON object per logged training step
     checksums.json           sha256 of every file above; verified on load
 
@@ -30,6 +32,7 @@ from decodiff_cli.config import ModelConfig
 
 CONFIG, CALIBRATION, CHECKSUMS = "config.json", "calibration.json", "checksums.json"
 DENOISER, AUTOENCODER, TRAINING_LOG = "denoiser.safetensors", "autoencoder.safetensors", "training_log.jsonl"
+REFERENCE = "normal_reference.safetensors"
 
 
 class BundleError(ValueError):
@@ -86,6 +89,7 @@ def write_bundle(
     calibration: dict[str, Any],
     training_log: Path | None = None,
     overwrite: bool = False,
+    reference: torch.Tensor | None = None,
 ) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
@@ -99,6 +103,8 @@ def write_bundle(
         _save_tensors(tmp / DENOISER, denoiser_state)
         if autoencoder_state:
             _save_tensors(tmp / AUTOENCODER, autoencoder_state)
+        if reference is not None:
+            _save_tensors(tmp / REFERENCE, {"reference": reference})
         if training_log is not None and Path(training_log).is_file():
             shutil.copyfile(training_log, tmp / TRAINING_LOG)
         _write_checksums(tmp)
@@ -171,7 +177,8 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_networks(bundle: Bundle):
-    """Rebuild the autoencoder and the denoiser from config.json and the weights."""
+    """Rebuild the autoencoder and the denoiser from config.json and the weights, and read
+    the normal reference when the map uses one: (autoencoder, denoiser, reference or None)."""
     from decodiff_cli.autoencoders import rebuild_autoencoder
     from decodiff_cli.denoiser import Denoiser
 
@@ -189,7 +196,22 @@ def load_networks(bundle: Bundle):
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0]
             raise BundleError(f"{file}: weights do not match the architecture in {CONFIG} ({first})") from None
-    return autoencoder.eval().requires_grad_(False), denoiser.eval().requires_grad_(False)
+    return autoencoder.eval().requires_grad_(False), denoiser.eval().requires_grad_(False), load_reference(bundle)
+
+
+def load_reference(bundle: Bundle) -> torch.Tensor | None:
+    cfg = bundle.config
+    if cfg.anomaly_map.reference == "none":
+        return None
+    file = bundle.path / REFERENCE
+    if not file.is_file():
+        raise BundleError(f"{bundle.path}: {REFERENCE} is missing, but {CONFIG} asks for a {cfg.anomaly_map.reference!r} map reference")
+    reference = load_state(file).get("reference")
+    size = cfg.denoiser.latent_size
+    if reference is None or tuple(reference.shape) != (len(cfg.categories), 2, size, size):
+        shape = None if reference is None else tuple(reference.shape)
+        raise BundleError(f"{file}: expected a (classes, 2, {size}, {size}) 'reference' tensor, found {shape}")
+    return reference.float()
 
 
 def write_calibration(path: Path, calibration: dict[str, Any]) -> None:

@@ -38,6 +38,8 @@ def fit(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Stop after this many epochs."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Finish within this many minutes, reading and encoding included (the lr schedule follows the budget)."),
+    map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
+    map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images (cpu default); none: the paper's map."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU) or bf16."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Add horizontally flipped views (only if flipped parts are still normal)."),
@@ -90,6 +92,8 @@ def fit(
                            description=f"training (epoch {info['epoch']:.1f})")
             elif kind == "warning":
                 console.warn(info["message"])
+            elif kind == "reference":
+                console.info(f"measuring the normal reference on {info['images']} training image(s)")
             elif kind == "calibrate":
                 console.info(f"calibrating on {info['images']} held-out image(s)")
 
@@ -165,7 +169,9 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
         ("denoiser", f"{c.denoiser.size}, latent {c.denoiser.latent_channels}x{c.denoiser.latent_size}x{c.denoiser.latent_size}"),
         ("preprocess", f"resize {c.preprocess.resize}, crop {c.preprocess.image_size}"),
         ("correction", f"t={c.correction.timesteps()} strategy {c.correction.strategy}"),
-        ("map", f"{c.anomaly_map.combine}, pixel clip {c.anomaly_map.pixel_clip}, latent clip {c.anomaly_map.latent_clip}"),
+        ("map", f"{c.anomaly_map.combine}, pixel clip {c.anomaly_map.pixel_clip}, "
+                + (f"latent clip {c.anomaly_map.latent_clip}" if c.anomaly_map.reference == "none"
+                   else f"latent z-score against normal reference ({c.anomaly_map.reference}), clip {c.anomaly_map.reference_clip}")),
         ("latent scaling", c.latent_scaling.kind),
         ("files", ", ".join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in b.files().items())),
     ]

@@ -56,6 +56,10 @@ class CorrectionConfig:
         return sorted(set(steps), reverse=True)
 
 
+COMBINATIONS = ("geometric", "arithmetic", "pixel", "latent")
+REFERENCES = ("none", "position")
+
+
 @dataclass
 class MapConfig:
     """Discrepancies -> anomaly map (METHOD.md section 6, Eq. 15)."""
@@ -66,6 +70,12 @@ class MapConfig:
     latent_clip: float = 0.5  # 0.2 in the paper, for SD-VAE latents * 0.18215; ours are
     # standardised per channel (unit variance), where 0.2 saturates on normal texture.
     latent_sigma: float = 1.0  # in latent pixels
+    # Beyond the paper: "position" turns the latent discrepancy into a z-score against its
+    # per-position mean and spread on normal training images (stored in the bundle), so
+    # places the model always corrects a little (edges, highlights) stop looking anomalous.
+    # "none" is the paper's map.
+    reference: str = "none"  # none | position
+    reference_clip: float = 6.0  # in z-score units; replaces latent_clip when reference is on
 
 
 @dataclass

@@ -64,8 +64,8 @@ class Detector:
     @classmethod
     def load(cls, bundle_path: str | Path, device: str = "auto", dtype: str = "fp32", batch_size: int = 8) -> "Detector":
         bundle = read_bundle(Path(bundle_path))
-        autoencoder, denoiser = load_networks(bundle)
-        return cls(bundle, DecoDiffModel(bundle.config, autoencoder, denoiser, device, dtype), batch_size)
+        autoencoder, denoiser, reference = load_networks(bundle)
+        return cls(bundle, DecoDiffModel(bundle.config, autoencoder, denoiser, device, dtype, reference), batch_size)
 
     @property
     def class_conditional(self) -> bool:
@@ -99,8 +99,9 @@ class Detector:
         z0 = self.model.encode(tensors)
         encode_s = time.perf_counter() - began  # model.infer is handed z0, so it cannot time this
         guesses = self.guess_categories(z0, tensors, steps)
-        if not self.class_conditional:  # one pass serves every category: only thresholds differ
-            out = self.model.infer(tensors, None, steps, keep_corrected, z0=z0)
+        if not self.class_conditional:  # one denoiser pass serves every category
+            ids = torch.tensor([self.categories.index(g) for g in guesses])
+            out = self.model.infer(tensors, ids, steps, keep_corrected, z0=z0)
             out.categories = guesses
             out.timings["encode"] = out.timings.get("encode", 0.0) + encode_s
             return out
@@ -133,9 +134,7 @@ class Detector:
                                   for name in self.categories])
         return [self.categories[i] for i in normalized.argmin(dim=0).tolist()]
 
-    def _labels(self, category: str, n: int) -> torch.Tensor | None:
-        if not self.class_conditional:
-            return None
+    def _labels(self, category: str, n: int) -> torch.Tensor:
         return torch.full((n,), self.categories.index(self.check_category(category)), dtype=torch.long)
 
     def _threshold(self, category: str, key: str) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from decodiff_cli import __version__
+from decodiff_cli.anomaly_map import normal_reference
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
@@ -76,6 +77,25 @@ def class_centroids(cache, labels: list[int], categories: list[str], scaler: Lat
                           for i in range(cache.num_images)])
     label_tensor = torch.tensor(labels)
     return {name: pooled[label_tensor == index].mean(dim=0).tolist() for index, name in enumerate(categories)}
+
+
+REFERENCE_IMAGES = 64  # per class, evenly spaced over its training images
+
+
+def normal_reference_per_class(model, cache, labels: list[int], num_classes: int) -> torch.Tensor:
+    """(classes, 2, h, w): per-position mean and spread of the trained model's correction
+    on training images (first view, already encoded). Training images, not the held-out
+    ones: those stay unseen, for the thresholds."""
+    label_tensor = torch.tensor(labels)
+    per_class = []
+    for index in range(num_classes):
+        rows = (label_tensor == index).nonzero()[:, 0]
+        rows = rows[torch.linspace(0, len(rows) - 1, min(len(rows), REFERENCE_IMAGES)).round().long().unique()]
+        z0 = model.scaler.normalize(cache.batch(rows, torch.zeros_like(rows)).float())
+        differences = torch.cat([model.latent_differences(chunk, torch.full((len(chunk),), index))
+                                 for chunk in z0.split(16)])
+        per_class.append(normal_reference(differences))
+    return torch.stack(per_class)
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -208,9 +228,12 @@ def fit(
         denoiser = Denoiser(cfg.denoiser)
         denoiser.load_state_dict(result.denoiser_state)
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device)
+        if cfg.anomaly_map.reference != "none":
+            emit("reference", {"images": min(len(train_paths), REFERENCE_IMAGES * len(categories))})
+            model.reference = normal_reference_per_class(model, cache, labels, len(categories))
         calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
-                     overwrite=overwrite or resume)
+                     overwrite=overwrite or resume, reference=model.reference)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return FitResult(bundle=out, steps=result.steps, seconds=result.seconds, categories=categories,
@@ -287,8 +310,7 @@ def calibrate_model(model, holdout: dict[str, list[Path | torch.Tensor]],
         scores, maps = [], []
         for start in range(0, len(items), 8):
             chunk = torch.stack([tensor(item) for item in items[start : start + 8]])
-            labels = torch.full((len(chunk),), categories.index(name)) if model.cfg.denoiser.num_classes else None
-            out = model.infer(chunk, labels)
+            out = model.infer(chunk, torch.full((len(chunk),), categories.index(name)))
             scores.append(out.scores.numpy())
             maps += list(out.maps.numpy())
         return np.concatenate(scores), maps

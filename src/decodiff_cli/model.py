@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from decodiff_cli.anomaly_map import anomaly_maps, image_scores, needs_decoder
+from decodiff_cli.anomaly_map import anomaly_maps, image_scores, latent_difference, needs_decoder
 from decodiff_cli.autoencoders import Autoencoder
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
@@ -51,6 +51,7 @@ class DecoDiffModel:
         denoiser: Denoiser,
         device: str | torch.device = "cpu",
         dtype: str = "fp32",
+        reference: torch.Tensor | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -70,6 +71,7 @@ class DecoDiffModel:
         self.denoiser = denoiser.to(self.device).eval()
         self.scaler = LatentScaler(cfg.latent_scaling)
         self.abar = alpha_bars(cfg.schedule.num_timesteps, cfg.schedule.kind)
+        self.reference = reference  # (classes, 2, h, w): see anomaly_map.normal_reference
 
     def _autocast(self):
         if self.dtype == "fp32":
@@ -96,6 +98,33 @@ class DecoDiffModel:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self._chunked(self.autoencoder.decode, self.scaler.denormalize(z))
 
+    def _correct(self, z0: torch.Tensor, class_ids: torch.Tensor | None, num_calls: int | None) -> torch.Tensor:
+        labels = class_ids.to(self.device) if class_ids is not None and self.cfg.denoiser.num_classes else None
+
+        def eps_theta(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self._autocast():
+                return self.denoiser(z_t, t, labels).float()
+
+        correction = self.cfg.correction
+        if num_calls is not None:
+            correction = replace(correction, num_calls=num_calls)
+        return correct(eps_theta, z0, self.abar, correction.timesteps(), correction.strategy)
+
+    @torch.inference_mode()
+    def latent_differences(self, z0: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """|correction - z0| per latent position, (N, 1, h, w): what the normal reference is made of."""
+        z0 = z0.to(self.device)
+        return latent_difference(self._correct(z0, class_ids, None), z0).cpu()
+
+    def _reference_rows(self, class_ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if self.reference is None or self.cfg.anomaly_map.reference == "none":
+            return None
+        if class_ids is None:
+            if len(self.reference) != 1:
+                raise ValueError("this model has a normal reference per class: say which class each image is")
+            class_ids = torch.zeros(n, dtype=torch.long)
+        return self.reference[class_ids.cpu()].to(self.device)
+
     @torch.inference_mode()
     def infer(
         self,
@@ -105,6 +134,8 @@ class DecoDiffModel:
         keep_corrected: bool = False,
         z0: torch.Tensor | None = None,
     ) -> Inference:
+        """``class_ids``: the category index of each image (used by a class-conditional
+        denoiser and to pick the normal reference); None for a one-class model."""
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -117,19 +148,7 @@ class DecoDiffModel:
 
         z0 = self.encode(images) if z0 is None else z0.to(self.device)  # callers may have encoded already
         lap("encode")
-
-        labels = class_ids.to(self.device) if class_ids is not None else None
-
-        def eps_theta(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with self._autocast():
-                return self.denoiser(z_t, t, labels).float()
-
-        correction = self.cfg.correction
-        if num_calls is not None:
-            from dataclasses import replace
-
-            correction = replace(correction, num_calls=num_calls)
-        z0_hat = correct(eps_theta, z0, self.abar, correction.timesteps(), correction.strategy)
+        z0_hat = self._correct(z0, class_ids, num_calls)
         lap("denoiser")
 
         reconstructed = corrected = None
@@ -138,7 +157,8 @@ class DecoDiffModel:
             reconstructed, corrected = both.chunk(2)
         lap("decode")
 
-        maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:])
+        maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:],
+                            self._reference_rows(class_ids, len(z0)))
         scores = image_scores(maps)
         lap("map")
         return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if keep_corrected else None, timings=timings)

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from decodiff_cli.config import (
+    COMBINATIONS,
+    REFERENCES,
     AutoencoderConfig,
     DenoiserConfig,
     LatentScaling,
@@ -55,6 +57,8 @@ OPTION_FIELDS = {
     "max_steps": ("train", "max_steps"),
     "time_budget": ("train", "time_budget_minutes"),
     "seed": ("train", "seed"),
+    "map_combine": ("anomaly_map", "combine"),
+    "map_reference": ("anomaly_map", "reference"),
     "mixed_precision": ("train", "mixed_precision"),
     "hflip": ("train", "hflip"),
     "vflip": ("train", "vflip"),
@@ -105,6 +109,10 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.train.mixed_precision!r}")
+    if cfg.anomaly_map.combine not in COMBINATIONS:
+        raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {cfg.anomaly_map.combine!r}")
+    if cfg.anomaly_map.reference not in REFERENCES:
+        raise ValueError(f"--map-reference must be one of {', '.join(REFERENCES)}, not {cfg.anomaly_map.reference!r}")
     for name in ("batch_size",):
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
