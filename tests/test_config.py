@@ -211,3 +211,15 @@ def test_every_option_maps_to_a_real_field():
     cfg = ModelConfig()
     for option, (section, name) in OPTION_FIELDS.items():
         assert name in {f.name for f in dataclasses.fields(getattr(cfg, section))}, option
+
+
+def test_patch_sizes_from_a_config_file(tmp_path):
+    file = tmp_path / "fit.toml"
+    file.write_text("patch_sizes = [1, 2, 4, 8, 16]\nema_decay = 0.99\n")
+    cfg = build_config("cpu", read_config_file(file))
+    assert cfg.train.patch_sizes == [1, 2, 4, 8, 16] and cfg.train.ema_decay == 0.99
+    assert cfg.train.patch_probs == pytest.approx([0.2] * 5)  # sizes alone: equally likely
+    with pytest.raises(ValueError, match="patch_sizes"):
+        build_config("cpu", {"patch_sizes": [1, 2], "patch_probs": [1.0]})
+    with pytest.raises(ValueError, match="patch_sizes"):
+        build_config("cpu", {"patch_sizes": [0, 2]})

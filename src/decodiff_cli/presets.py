@@ -57,6 +57,10 @@ OPTION_FIELDS = {
     "max_steps": ("train", "max_steps"),
     "time_budget": ("train", "time_budget_minutes"),
     "seed": ("train", "seed"),
+    "ema_decay": ("train", "ema_decay"),
+    "warmup_steps": ("train", "warmup_steps"),
+    "patch_sizes": ("train", "patch_sizes"),
+    "patch_probs": ("train", "patch_probs"),
     "map_combine": ("anomaly_map", "combine"),
     "map_reference": ("anomaly_map", "reference"),
     "mixed_precision": ("train", "mixed_precision"),
@@ -113,6 +117,13 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {cfg.anomaly_map.combine!r}")
     if cfg.anomaly_map.reference not in REFERENCES:
         raise ValueError(f"--map-reference must be one of {', '.join(REFERENCES)}, not {cfg.anomaly_map.reference!r}")
+    sizes, probs = cfg.train.patch_sizes, cfg.train.patch_probs
+    if "patch_sizes" in options and "patch_probs" not in options:
+        probs = cfg.train.patch_probs = [1 / len(sizes)] * len(sizes) if sizes else []
+    if (not sizes or len(sizes) != len(probs) or any(int(s) != s or s < 1 for s in sizes)
+            or any(p < 0 for p in probs) or sum(probs) <= 0):
+        raise ValueError(f"patch_sizes {sizes} and patch_probs {probs}: need positive integer sizes and as many "
+                         "non-negative probabilities, not all zero")
     for name in ("batch_size",):
         if getattr(cfg.train, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
