@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from decodiff_cli.anomaly_map import anomaly_maps, latent_discrepancy, normal_reference
+from decodiff_cli.anomaly_map import alignment, anomaly_maps, identity_reference, latent_discrepancy, normal_reference
 from decodiff_cli.bundle import REFERENCE, BundleError, _save_tensors, _write_checksums, load_networks, read_bundle
-from decodiff_cli.config import MapConfig
+from decodiff_cli.config import ALIGNED_BELOW, MapConfig
 from decodiff_cli.detector import Detector
 from decodiff_cli.presets import build_config
 
@@ -105,3 +107,66 @@ def test_bundle_without_its_reference_is_refused(reference_bundle, tmp_path):
     _write_checksums(copy)
     with pytest.raises(BundleError, match="expected a"):
         load_networks(read_bundle(copy))
+
+
+def test_alignment_tells_aligned_images_from_shifted_ones():
+    gen = torch.Generator().manual_seed(0)
+    pattern = torch.randn(1, 4, 16, 16, generator=gen)
+    aligned = pattern + 0.2 * torch.randn(20, 4, 16, 16, generator=gen)
+    shifted = torch.stack([torch.roll(pattern[0], (int(dy), int(dx)), dims=(1, 2))
+                           for dy, dx in torch.randint(0, 16, (20, 2), generator=gen)])
+    assert alignment(aligned) < 0.3
+    assert alignment(shifted) > 0.8
+
+
+def test_identity_reference_gives_the_papers_map():
+    cfg = MapConfig(combine="latent")
+    z0 = torch.randn(3, 4, 8, 8)
+    z0_hat = z0 + 0.4 * torch.randn(3, 4, 8, 8)
+    plain = anomaly_maps(z0, z0_hat, None, None, cfg, (32, 32))
+    identity = identity_reference(cfg, (8, 8))[None].expand(3, -1, -1, -1)
+    with_identity = anomaly_maps(z0, z0_hat, None, None, dataclasses.replace(cfg, reference="position"), (32, 32), identity)
+    assert torch.allclose(plain, with_identity, atol=1e-4)
+
+
+def test_auto_reference_is_per_class(tmp_path):
+    """An aligned class gets its own statistics; an unaligned one keeps the paper's map."""
+    from decodiff_cli.fitting import fit
+
+    gen = np.random.default_rng(0)
+    ramp = np.linspace(30, 220, 64)[None, :, None] * np.ones((64, 1, 3))
+    images = {}
+    for name in ("aligned", "shuffled"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(8):
+            if name == "aligned":
+                pixels = ramp + gen.normal(0, 4, ramp.shape)
+            else:
+                pixels = gen.uniform(0, 255, (64, 64, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+        images[name] = sorted(folder.glob("*.png"))
+    cfg = tiny_config(max_steps=4)
+    cfg.anomaly_map = MapConfig(reference="auto")
+    fit(images, tmp_path / "model", cfg)
+    detector = Detector.load(tmp_path / "model", device="cpu")
+    map_cfg = detector.bundle.config.anomaly_map
+    assert map_cfg.reference == "position"
+    assert map_cfg.alignment["aligned"] < ALIGNED_BELOW <= map_cfg.alignment["shuffled"]
+    reference = detector.model.reference
+    assert torch.allclose(reference[1], identity_reference(map_cfg, (8, 8)))
+    assert not torch.allclose(reference[0], identity_reference(map_cfg, (8, 8)))
+
+
+def test_auto_reference_off_when_no_class_is_aligned(category_dir, tmp_path):
+    from decodiff_cli.fitting import fit
+    from decodiff_cli.inputs import find_training_images
+
+    images, _ = find_training_images([str(category_dir)])
+    cfg = tiny_config(max_steps=2)
+    cfg.anomaly_map = MapConfig(reference="auto")
+    fit(images, tmp_path / "model", cfg)
+    bundle = read_bundle(tmp_path / "model")
+    # make_dataset's tiles are textures at random phase: not aligned, so no reference file
+    assert bundle.config.anomaly_map.reference == "none" and not (tmp_path / "model" / REFERENCE).exists()
+    assert bundle.config.anomaly_map.alignment[CATEGORY] >= ALIGNED_BELOW

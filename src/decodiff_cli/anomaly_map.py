@@ -60,6 +60,24 @@ def normal_reference(differences: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, spread])[:, 0]
 
 
+def alignment(latents: torch.Tensor) -> float:
+    """How well positions correspond across (N, C, h, w) latents of one class: the spread
+    across images at a fixed position, relative to the spread over all images and
+    positions, averaged over channels. Aligned objects score well below 1; textures and
+    parts at random positions or rotations score about 1."""
+    per_position = latents.std(dim=0).mean(dim=(1, 2))
+    overall = latents.transpose(0, 1).flatten(1).std(dim=1)
+    return float((per_position / overall.clamp_min(1e-8)).mean())
+
+
+def identity_reference(cfg: MapConfig, size: tuple[int, int]) -> torch.Tensor:
+    """(2, h, w): a reference under which the z-score map is exactly the paper's map (mean 0,
+    a constant spread s with 2 * s * reference_clip = latent_clip), for the classes of a
+    model whose other classes use their own statistics."""
+    spread = cfg.latent_clip / (2 * cfg.reference_clip)
+    return torch.stack([torch.zeros(size), torch.full(size, spread)])
+
+
 def latent_discrepancy(z0_hat: torch.Tensor, z0: torch.Tensor, clip: float, sigma: float, size: tuple[int, int],
                        reference: torch.Tensor | None = None) -> torch.Tensor:
     """|z0_hat - z0| mean over channels, clipped, blurred, upsampled to image size. With a

@@ -12,6 +12,7 @@ from rich.progress import TextColumn
 from decodiff_cli import console
 from decodiff_cli.cli import DEVICE_OPT, app, friendly_errors
 from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_OK
+from decodiff_cli.config import ALIGNED_BELOW
 from decodiff_cli.presets import PRESETS, build_config, read_config_file
 
 
@@ -39,7 +40,7 @@ def fit(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Finish within this many minutes, reading and encoding included (the lr schedule follows the budget)."),
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
-    map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images (cpu default); none: the paper's map."),
+    map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU) or bf16."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Add horizontally flipped views (only if flipped parts are still normal)."),
@@ -92,6 +93,10 @@ def fit(
                            description=f"training (epoch {info['epoch']:.1f})")
             elif kind == "warning":
                 console.warn(info["message"])
+            elif kind == "alignment":
+                values = ", ".join(f"{name} {value:.2f}" for name, value in info["alignment"].items())
+                console.info(f"alignment of the training images (below {ALIGNED_BELOW} uses a per-position normal "
+                             f"reference): {values}")
             elif kind == "reference":
                 console.info(f"measuring the normal reference on {info['images']} training image(s)")
             elif kind == "calibrate":

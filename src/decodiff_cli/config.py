@@ -57,7 +57,9 @@ class CorrectionConfig:
 
 
 COMBINATIONS = ("geometric", "arithmetic", "pixel", "latent")
-REFERENCES = ("none", "position")
+REFERENCES = ("none", "position")  # in a bundle
+FIT_REFERENCES = REFERENCES + ("auto",)  # as a fit option
+ALIGNED_BELOW = 0.6  # "auto": anomaly_map.alignment of MVTec bottle 0.36, of (unaligned) magnetic tiles 0.93
 
 
 @dataclass
@@ -73,9 +75,12 @@ class MapConfig:
     # Beyond the paper: "position" turns the latent discrepancy into a z-score against its
     # per-position mean and spread on normal training images (stored in the bundle), so
     # places the model always corrects a little (edges, highlights) stop looking anomalous.
-    # "none" is the paper's map.
-    reference: str = "none"  # none | position
+    # "none" is the paper's map. "auto" (a fit option, resolved at fit time) uses the
+    # reference only for classes whose images are aligned (see anomaly_map.alignment):
+    # per-position statistics mean nothing where positions do not correspond.
+    reference: str = "none"  # none | position (| auto, before fitting)
     reference_clip: float = 6.0  # in z-score units; replaces latent_clip when reference is on
+    alignment: dict[str, float] = field(default_factory=dict)  # per class, measured by "auto"
 
 
 @dataclass

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from decodiff_cli import __version__
-from decodiff_cli.anomaly_map import normal_reference
+from decodiff_cli.anomaly_map import alignment, identity_reference, normal_reference
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
-from decodiff_cli.config import ModelConfig
+from decodiff_cli.config import ALIGNED_BELOW, ModelConfig
 from decodiff_cli.images import ImageReadError, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
@@ -82,16 +82,35 @@ def class_centroids(cache, labels: list[int], categories: list[str], scaler: Lat
 REFERENCE_IMAGES = 64  # per class, evenly spaced over its training images
 
 
-def normal_reference_per_class(model, cache, labels: list[int], num_classes: int) -> torch.Tensor:
+def _first_views(cache, rows: torch.Tensor, scaler: LatentScaler) -> torch.Tensor:
+    return scaler.normalize(cache.batch(rows, torch.zeros_like(rows)).float())
+
+
+def _spread_rows(labels: list[int], index: int) -> torch.Tensor:
+    """Up to REFERENCE_IMAGES training images of class ``index``, evenly spaced."""
+    rows = (torch.tensor(labels) == index).nonzero()[:, 0]
+    return rows[torch.linspace(0, len(rows) - 1, min(len(rows), REFERENCE_IMAGES)).round().long().unique()]
+
+
+def class_alignment(cache, labels: list[int], categories: list[str], scaler: LatentScaler) -> dict[str, float]:
+    """anomaly_map.alignment of each class's training latents (first view)."""
+    return {name: round(alignment(_first_views(cache, _spread_rows(labels, index), scaler)), 4)
+            for index, name in enumerate(categories)}
+
+
+def normal_reference_per_class(model, cache, labels: list[int], categories: list[str]) -> torch.Tensor:
     """(classes, 2, h, w): per-position mean and spread of the trained model's correction
     on training images (first view, already encoded). Training images, not the held-out
-    ones: those stay unseen, for the thresholds."""
-    label_tensor = torch.tensor(labels)
+    ones: those stay unseen, for the thresholds. Classes that "auto" found unaligned get
+    the identity reference: their maps stay the paper's."""
+    map_cfg = model.cfg.anomaly_map
     per_class = []
-    for index in range(num_classes):
-        rows = (label_tensor == index).nonzero()[:, 0]
-        rows = rows[torch.linspace(0, len(rows) - 1, min(len(rows), REFERENCE_IMAGES)).round().long().unique()]
-        z0 = model.scaler.normalize(cache.batch(rows, torch.zeros_like(rows)).float())
+    for index, name in enumerate(categories):
+        if map_cfg.alignment.get(name, 0.0) >= ALIGNED_BELOW:
+            size = model.cfg.denoiser.latent_size
+            per_class.append(identity_reference(map_cfg, (size, size)))
+            continue
+        z0 = _first_views(cache, _spread_rows(labels, index), model.scaler)
         differences = torch.cat([model.latent_differences(chunk, torch.full((len(chunk),), index))
                                  for chunk in z0.split(16)])
         per_class.append(normal_reference(differences))
@@ -208,6 +227,11 @@ def fit(
         cfg.latent_scaling = fit_scaling(first_views, cfg.latent_scaling.kind, cfg.latent_scaling.factor)
     if len(categories) > 1:
         cfg.class_centroids = class_centroids(cache, labels, categories, LatentScaler(cfg.latent_scaling))
+    if cfg.anomaly_map.reference == "auto":
+        cfg.anomaly_map.alignment = class_alignment(cache, labels, categories, LatentScaler(cfg.latent_scaling))
+        aligned = [name for name, value in cfg.anomaly_map.alignment.items() if value < ALIGNED_BELOW]
+        cfg.anomaly_map.reference = "position" if aligned else "none"
+        emit("alignment", {"alignment": cfg.anomaly_map.alignment, "aligned": aligned})
 
     # 3. train
     log_file = work / "training_log.jsonl"
@@ -230,7 +254,7 @@ def fit(
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device)
         if cfg.anomaly_map.reference != "none":
             emit("reference", {"images": min(len(train_paths), REFERENCE_IMAGES * len(categories))})
-            model.reference = normal_reference_per_class(model, cache, labels, len(categories))
+            model.reference = normal_reference_per_class(model, cache, labels, categories)
         calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
                      overwrite=overwrite or resume, reference=model.reference)

@@ -8,7 +8,7 @@ from typing import Any
 
 from decodiff_cli.config import (
     COMBINATIONS,
-    REFERENCES,
+    FIT_REFERENCES,
     AutoencoderConfig,
     DenoiserConfig,
     LatentScaling,
@@ -26,7 +26,9 @@ def _cpu() -> ModelConfig:
         denoiser=DenoiserConfig(size="xs", attention=[False, True, True]),
         # Measured on MVTec bottle with TAEF2 (benchmarks/ablate_maps.py, README "Results"):
         # the arithmetic mean localises better than the geometric one for small autoencoders.
-        anomaly_map=MapConfig(combine="arithmetic"),
+        # The normal reference: measured on bottle (aligned) as a gain, on magnetic tile
+        # (unaligned, defects at the borders) as a loss, hence "auto".
+        anomaly_map=MapConfig(combine="arithmetic", reference="auto"),
     )
 
 
@@ -115,8 +117,8 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.train.mixed_precision!r}")
     if cfg.anomaly_map.combine not in COMBINATIONS:
         raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {cfg.anomaly_map.combine!r}")
-    if cfg.anomaly_map.reference not in REFERENCES:
-        raise ValueError(f"--map-reference must be one of {', '.join(REFERENCES)}, not {cfg.anomaly_map.reference!r}")
+    if cfg.anomaly_map.reference not in FIT_REFERENCES:
+        raise ValueError(f"--map-reference must be one of {', '.join(FIT_REFERENCES)}, not {cfg.anomaly_map.reference!r}")
     sizes, probs = cfg.train.patch_sizes, cfg.train.patch_probs
     if "patch_sizes" in options and "patch_probs" not in options:
         probs = cfg.train.patch_probs = [1 / len(sizes)] * len(sizes) if sizes else []
