@@ -10,7 +10,8 @@ scores each variant with the same metric code as `decodiff benchmark`:
 - channel_z: latent term as the mean over channels of |z0_hat - z0| / s_c, s_c the
   per-channel mean of that difference on normal images (channels that always change
   weigh less);
-- position_z: the latent term as a z-score per position (the `--map-reference position` option).
+- position_z: the latent term as a z-score per position (the `--map-reference position` option);
+- arithmetic_pixel_z: the pixel term as a z-score per position too.
 
     python benchmarks/map_variants.py BUNDLE CATEGORY_DIR PROTOCOL N_TRAIN CACHE.pt
 """
@@ -55,10 +56,11 @@ def main() -> None:
     else:
         train = sorted((category_dir / "train" / "good").iterdir())
         train = train[:: max(1, len(train) // n_train)][:n_train]
-        nz0, nz0_hat, _, _ = run(torch.stack([load_image(p, pre).tensor for p in train]), decode=False)
+        nz0, nz0_hat, nrec, ncor = run(torch.stack([load_image(p, pre).tensor for p in train]), decode=True)
         z0, z0_hat, rec, cor = run(torch.stack([load_image(s.image, pre).tensor for s in category.samples]), decode=True)
         saved = dict(nz0=nz0, nz0_hat=nz0_hat, z0=z0, z0_hat=z0_hat,
-                     pixel=pixel_discrepancy(cor, rec, mcfg.pixel_clip, mcfg.pixel_sigma))
+                     pixel=pixel_discrepancy(cor, rec, mcfg.pixel_clip, mcfg.pixel_sigma),
+                     npixel=pixel_discrepancy(ncor, nrec, mcfg.pixel_clip, mcfg.pixel_sigma))
         torch.save(saved, cache)
 
     originals = [load_image(s.image, pre).original_size for s in category.samples]
@@ -87,9 +89,16 @@ def main() -> None:
         values = compute_metrics(maps.reshape(len(maps), -1).max(1), labels, maps, masks).values
         print(f"{name:32s}", " ".join(f"{values[k]:.3f}" for k in KEYS), flush=True)
 
+    pixels = {"raw": pixel}
+    if "npixel" in saved:  # the pixel term as a z-score per position too (blurred statistics)
+        mean, spread = normal_reference(saved["npixel"])
+        z = (pixel - mean) / (spread + spread.mean() + 1e-6)
+        pixels["pixel_z"] = gaussian_blur(z.clamp(0, 6.0) / 6.0, 1.0)
+
     print(f"{'variant':32s}", " ".join(KEYS))
     for lname, lmap in latent.items():
-        for combine, maps in (("latent", lmap), ("arithmetic", (lmap + pixel) / 2)):
+        variants = [("latent", lmap)] + [(f"arithmetic_{pname}", (lmap + pmap) / 2) for pname, pmap in pixels.items()]
+        for combine, maps in variants:
             evaluate(f"{lname}/{combine}", maps)
             median = maps.flatten(1).median(dim=1).values[:, None, None, None]
             evaluate(f"{lname}/{combine}/minus_median", (maps - median).clamp(min=0))
