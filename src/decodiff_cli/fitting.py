@@ -245,7 +245,6 @@ def fit(
     # 4. calibrate on the held-out images, write the bundle (one writer)
     calibration: dict[str, Any] = {}
     if main:
-        emit("calibrate", {"images": sum(map(len, holdout.values()))})
         from decodiff_cli.denoiser import Denoiser
         from decodiff_cli.model import DecoDiffModel
 
@@ -253,8 +252,10 @@ def fit(
         denoiser.load_state_dict(result.denoiser_state)
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device)
         if cfg.anomaly_map.reference != "none":
-            emit("reference", {"images": min(len(train_paths), REFERENCE_IMAGES * len(categories))})
+            emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
+                                             if cfg.anomaly_map.alignment.get(name, 0.0) < ALIGNED_BELOW)})
             model.reference = normal_reference_per_class(model, cache, labels, categories)
+        emit("calibrate", {"images": sum(map(len, holdout.values()))})
         calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
                      overwrite=overwrite or resume, reference=model.reference)
