@@ -14,7 +14,6 @@ from torch.nn import functional as F
 from decodiff_cli.config import COMBINATIONS, REFERENCES, MapConfig
 
 
-
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, 1, H, W) maps, reflect padding, radius 3 sigma."""
     if sigma <= 0:

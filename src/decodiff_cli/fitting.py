@@ -98,6 +98,11 @@ def class_alignment(cache, labels: list[int], categories: list[str], scaler: Lat
             for index, name in enumerate(categories)}
 
 
+def has_own_reference(map_cfg, name: str) -> bool:
+    """False for a class that "auto" measured as unaligned (no alignment: "position" was asked for)."""
+    return map_cfg.alignment.get(name, 0.0) < ALIGNED_BELOW
+
+
 def normal_reference_per_class(model, cache, labels: list[int], categories: list[str]) -> torch.Tensor:
     """(classes, 2, h, w): per-position mean and spread of the trained model's correction
     on training images (first view, already encoded). Training images, not the held-out
@@ -106,7 +111,7 @@ def normal_reference_per_class(model, cache, labels: list[int], categories: list
     map_cfg = model.cfg.anomaly_map
     per_class = []
     for index, name in enumerate(categories):
-        if map_cfg.alignment.get(name, 0.0) >= ALIGNED_BELOW:
+        if not has_own_reference(map_cfg, name):
             size = model.cfg.denoiser.latent_size
             per_class.append(identity_reference(map_cfg, (size, size)))
             continue
@@ -229,7 +234,7 @@ def fit(
         cfg.class_centroids = class_centroids(cache, labels, categories, LatentScaler(cfg.latent_scaling))
     if cfg.anomaly_map.reference == "auto":
         cfg.anomaly_map.alignment = class_alignment(cache, labels, categories, LatentScaler(cfg.latent_scaling))
-        aligned = [name for name, value in cfg.anomaly_map.alignment.items() if value < ALIGNED_BELOW]
+        aligned = [name for name in categories if has_own_reference(cfg.anomaly_map, name)]
         cfg.anomaly_map.reference = "position" if aligned else "none"
         emit("alignment", {"alignment": cfg.anomaly_map.alignment, "aligned": aligned})
 
@@ -253,7 +258,7 @@ def fit(
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device)
         if cfg.anomaly_map.reference != "none":
             emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
-                                             if cfg.anomaly_map.alignment.get(name, 0.0) < ALIGNED_BELOW)})
+                                             if has_own_reference(cfg.anomaly_map, name))})
             model.reference = normal_reference_per_class(model, cache, labels, categories)
         emit("calibrate", {"images": sum(map(len, holdout.values()))})
         calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
