@@ -170,3 +170,9 @@ def test_auto_reference_off_when_no_class_is_aligned(category_dir, tmp_path):
     # make_dataset's tiles are textures at random phase: not aligned, so no reference file
     assert bundle.config.anomaly_map.reference == "none" and not (tmp_path / "model" / REFERENCE).exists()
     assert bundle.config.anomaly_map.alignment[CATEGORY] >= ALIGNED_BELOW
+
+
+def test_info_says_the_map_uses_a_reference(invoke, reference_bundle):
+    result = invoke("info", reference_bundle)
+    assert result.exit_code == 0, result.output
+    assert "normal reference" in " ".join(result.stdout.split())

@@ -174,9 +174,7 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
         ("denoiser", f"{c.denoiser.size}, latent {c.denoiser.latent_channels}x{c.denoiser.latent_size}x{c.denoiser.latent_size}"),
         ("preprocess", f"resize {c.preprocess.resize}, crop {c.preprocess.image_size}"),
         ("correction", f"t={c.correction.timesteps()} strategy {c.correction.strategy}"),
-        ("map", f"{c.anomaly_map.combine}, pixel clip {c.anomaly_map.pixel_clip}, "
-                + (f"latent clip {c.anomaly_map.latent_clip}" if c.anomaly_map.reference == "none"
-                   else f"latent z-score against normal reference ({c.anomaly_map.reference}), clip {c.anomaly_map.reference_clip}")),
+        ("map", _describe_map(c.anomaly_map)),
         ("latent scaling", c.latent_scaling.kind),
         ("files", ", ".join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in b.files().items())),
     ]
@@ -185,3 +183,14 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
     for key, value in rows:
         table.add_row(console.escape(key), console.escape(value))
     console.out.print(table)
+
+
+def _describe_map(m) -> str:
+    text = f"{m.combine}, pixel clip {m.pixel_clip}, "
+    if m.reference == "none":
+        text += f"latent clip {m.latent_clip}"
+    else:
+        text += f"latent z-score against a per-position normal reference, clip {m.reference_clip}"
+    if m.alignment:
+        text += "; alignment " + ", ".join(f"{name} {value:.2f}" for name, value in m.alignment.items())
+    return text
