@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from decodiff_cli.config import (
     FORMAT_VERSION,
@@ -225,3 +226,15 @@ def test_patch_sizes_from_a_config_file(tmp_path):
         build_config("cpu", {"patch_sizes": [1, 2], "patch_probs": [1.0]})
     with pytest.raises(ValueError, match="patch_sizes"):
         build_config("cpu", {"patch_sizes": [0, 2]})
+
+
+def test_mixed_precision_auto_follows_the_hardware(monkeypatch):
+    from decodiff_cli.fitting import resolve_mixed_precision
+
+    assert build_config("cpu", {"mixed_precision": "auto"}).train.mixed_precision == "auto"
+    assert resolve_mixed_precision("no") == "no" and resolve_mixed_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert resolve_mixed_precision("auto") == "no"

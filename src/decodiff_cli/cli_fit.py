@@ -42,7 +42,7 @@ def fit(
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU) or bf16."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU), bf16, or auto (bf16 where the CPU or GPU computes it natively)."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Add horizontally flipped views (only if flipped parts are still normal)."),
     vflip: Optional[bool] = typer.Option(None, "--vflip/--no-vflip", help="Add vertically flipped views."),
     class_conditional: Optional[bool] = typer.Option(None, "--class-conditional/--no-class-conditional", help="Let the denoiser see the class (default: on with several classes)."),

@@ -167,6 +167,7 @@ def fit(
     out = Path(out)
     if out.exists() and not overwrite and not resume:
         raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed-precision fp16 needs a GPU; use bf16 or no on a CPU")
     accelerator = accelerator or Accelerator(
@@ -268,6 +269,20 @@ def fit(
     accelerator.wait_for_everyone()
     return FitResult(bundle=out, steps=result.steps, seconds=result.seconds, categories=categories,
                      skipped=skipped, calibration=calibration, is_main_process=main)
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """"auto": bf16 where the hardware computes it natively (a GPU that supports it, or a
+    CPU with AVX512-BF16 or AMX, where it trains about 1.6x faster), else full precision."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: absent in some builds
+        native = False
+    return "bf16" if native else "no"
 
 
 def check_resumable(saved_file: Path, cfg: ModelConfig) -> None:

@@ -113,8 +113,8 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         sections["denoiser"]["attention"] = []  # the preset's attention layout was for its own size
     for section, values in sections.items():
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
-    if cfg.train.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"--mixed-precision must be no, fp16 or bf16, not {cfg.train.mixed_precision!r}")
+    if cfg.train.mixed_precision not in ("no", "fp16", "bf16", "auto"):
+        raise ValueError(f"--mixed-precision must be no, fp16, bf16 or auto, not {cfg.train.mixed_precision!r}")
     if cfg.anomaly_map.combine not in COMBINATIONS:
         raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {cfg.anomaly_map.combine!r}")
     if cfg.anomaly_map.reference not in FIT_REFERENCES:
