@@ -218,8 +218,9 @@ def test_every_option_maps_to_a_real_field():
 
 def test_patch_sizes_from_a_config_file(tmp_path):
     file = tmp_path / "fit.toml"
-    file.write_text("patch_sizes = [1, 2, 4, 8, 16]\nema_decay = 0.99\n")
+    file.write_text("patch_sizes = [1, 2, 4, 8, 16]\nema_decay = 0.99\nmap = 'geometric'\nmap-reference = 'none'\n")
     cfg = build_config("cpu", read_config_file(file))
+    assert (cfg.anomaly_map.combine, cfg.anomaly_map.reference) == ("geometric", "none")
     assert cfg.train.patch_sizes == [1, 2, 4, 8, 16] and cfg.train.ema_decay == 0.99
     assert cfg.train.patch_probs == pytest.approx([0.2] * 5)  # sizes alone: equally likely
     with pytest.raises(ValueError, match="patch_sizes"):

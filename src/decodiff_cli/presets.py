@@ -91,6 +91,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table of options")
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "map" in values:  # the option is --map; its parameter (and key) is map_combine
+        values["map_combine"] = values.pop("map")
     unknown = sorted(set(values) - set(OPTION_FIELDS) - FILE_ONLY)
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTION_FIELDS))}")
