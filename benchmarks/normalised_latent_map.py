@@ -4,7 +4,7 @@ DeCo-Diff's latent discrepancy |z0_hat - z0| is not zero on normal images: some 
 (edges, highlights of an aligned object) are always corrected a little. This script
 measures whether subtracting the per-position mean of that discrepancy over normal
 training images ("minus_mu"), or dividing by its spread too ("zscore"), improves the
-maps. Not (yet) a decodiff option: the figures are in benchmarks/RESULTS.md.
+maps. "zscore" is now `--map-reference position`; the figures are in benchmarks/RESULTS.md.
 
     python benchmarks/normalised_latent_map.py BUNDLE CATEGORY_DIR PROTOCOL N_TRAIN
     python benchmarks/normalised_latent_map.py model ../shared/data/mvtec_bottle/bottle paper 40
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from decodiff_cli.anomaly_map import gaussian_blur, pixel_discrepancy
+from decodiff_cli.anomaly_map import gaussian_blur, normal_reference, pixel_discrepancy
 from decodiff_cli.benchmark import _protocol_mask, discover, to_protocol
 from decodiff_cli.detector import Detector
 from decodiff_cli.deviation import correct
@@ -48,8 +48,7 @@ def main() -> None:
     train = train[:: max(1, len(train) // n_train)][:n_train]
     z0, z0_hat = latents(torch.stack([load_image(p, pre).tensor for p in train]))
     normal = (z0_hat - z0).abs().mean(1)
-    mu = gaussian_blur(normal.mean(0)[None, None], 1.0)[0, 0]
-    sd = gaussian_blur(normal.std(0)[None, None], 1.0)[0, 0]
+    mu, sd = normal_reference(normal[:, None])
 
     category = discover(category_dir)[0]
     loaded = [load_image(s.image, pre) for s in category.samples]
