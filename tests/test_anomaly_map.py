@@ -70,7 +70,7 @@ def test_latent_only_needs_no_decoded_images():
 
 def test_unknown_combination_is_refused():
     with pytest.raises(ValueError, match="harmonic"):
-        combine(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), "harmonic")
+        combine([torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)], "harmonic")
 
 
 # ------------------------------------------------------------------------- localisation

@@ -90,15 +90,33 @@ def latent_discrepancy(z0_hat: torch.Tensor, z0: torch.Tensor, clip: float, sigm
     return F.interpolate(diff, size=size, mode="bilinear", align_corners=False)
 
 
-def combine(pixel: torch.Tensor | None, latent: torch.Tensor | None, how: str) -> torch.Tensor:
+def feature_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| mean over channels, for one level of decoder features: (N, C, h, w) -> (N, 1, h, w)."""
+    return (a.float() - b.float()).abs().mean(dim=1, keepdim=True)
+
+
+def feature_scales(levels: list[torch.Tensor]) -> list[float]:
+    """Per level, the 99th percentile of the feature difference over normal images: the
+    unit of the feature term, so that levels of different magnitude weigh alike."""
+    return [max(float(torch.quantile(level.flatten()[:2**24], 0.99)), 1e-6) for level in levels]
+
+
+def feature_discrepancy(levels: list[torch.Tensor], scales: torch.Tensor, clip: float, size: tuple[int, int]) -> torch.Tensor:
+    """Feature differences in units of their (N, levels) normal scales, clipped, upsampled
+    to image size and averaged over levels: (N, 1, H, W) in [0, 1]."""
+    if len(levels) != scales.shape[1]:
+        raise ValueError(f"the decoder gave {len(levels)} feature levels, the stored scales are for {scales.shape[1]}")
+    terms = [F.interpolate((level / scales[:, i, None, None, None]).clamp(0, clip) / clip, size=size,
+                           mode="bilinear", align_corners=False) for i, level in enumerate(levels)]
+    return torch.stack(terms).mean(dim=0)
+
+
+def combine(terms: list[torch.Tensor], how: str) -> torch.Tensor:
+    """The map's terms (pixel, latent, [features]) -> one map: their arithmetic or geometric mean."""
     if how == "geometric":
-        return (pixel * latent).clamp(min=0).sqrt()
-    if how == "arithmetic":
-        return (pixel + latent) / 2
-    if how == "pixel":
-        return pixel
-    if how == "latent":
-        return latent
+        return torch.stack(terms).clamp(min=0).prod(dim=0) ** (1 / len(terms))
+    if how in ("arithmetic", "pixel", "latent"):  # one-term maps arrive here with that term alone
+        return torch.stack(terms).mean(dim=0)
     raise ValueError(f"unknown map combination {how!r}; choose one of {', '.join(COMBINATIONS)}")
 
 
@@ -110,12 +128,15 @@ def anomaly_maps(
     cfg: MapConfig,
     size: tuple[int, int],
     reference: torch.Tensor | None = None,
+    features: list[torch.Tensor] | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, H, W) maps in [0, 1]. The decoded images are only needed when the pixel term is
-    used; the (N, 2, h, w) normal reference only when ``cfg.reference`` is not "none"."""
-    pixel = latent = None
+    used; the (N, 2, h, w) normal reference only when ``cfg.reference`` is not "none"; the
+    per-level feature differences and their (N, levels) scales only with ``cfg.features``."""
+    terms = []
     if cfg.combine != "latent":
-        pixel = pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma)
+        terms.append(pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma))
     if cfg.combine != "pixel":
         if cfg.reference not in REFERENCES:
             raise ValueError(f"unknown map reference {cfg.reference!r}; choose one of {', '.join(REFERENCES)}")
@@ -124,12 +145,16 @@ def anomaly_maps(
         elif reference is None:
             raise ValueError(f"map reference {cfg.reference!r} needs the normal statistics stored at fit time")
         clip = cfg.latent_clip if reference is None else cfg.reference_clip
-        latent = latent_discrepancy(z0_hat.float(), z0.float(), clip, cfg.latent_sigma, size, reference)
-    return combine(pixel, latent, cfg.combine)[:, 0].clamp(0, 1)
+        terms.append(latent_discrepancy(z0_hat.float(), z0.float(), clip, cfg.latent_sigma, size, reference))
+    if cfg.features:
+        if features is None or scales is None:
+            raise ValueError("the map's feature term needs the decoder's features and their scales from fit time")
+        terms.append(feature_discrepancy(features, scales, cfg.feature_clip, size))
+    return combine(terms, cfg.combine)[:, 0].clamp(0, 1)
 
 
 def needs_decoder(cfg: MapConfig) -> bool:
-    return cfg.combine != "latent"
+    return cfg.combine != "latent" or cfg.features
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ def fit(
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Finish within this many minutes, reading and encoding included (the lr schedule follows the budget)."),
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
+    map_features: Optional[bool] = typer.Option(None, "--map-features/--no-map-features", help="Add the decoder-feature discrepancy to the map (needs a decoder: not the pixel backend)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU), bf16, or auto (bf16 where the CPU or GPU computes it natively)."),
     hflip: Optional[bool] = typer.Option(None, "--hflip/--no-hflip", help="Add horizontally flipped views (only if flipped parts are still normal)."),
@@ -97,8 +98,10 @@ def fit(
                 values = ", ".join(f"{name} {value:.2f}" for name, value in info["alignment"].items())
                 console.info(f"alignment of the training images (below {ALIGNED_BELOW} uses a per-position normal "
                              f"reference): {values}")
+            elif kind == "note":
+                console.info(info["message"])
             elif kind == "reference":
-                console.info(f"measuring the normal reference on {info['images']} training image(s)")
+                console.info(f"measuring the map's normal statistics on {info['images']} training image(s)")
             elif kind == "calibrate":
                 console.info(f"calibrating on {info['images']} held-out image(s)")
 
@@ -191,6 +194,8 @@ def _describe_map(m) -> str:
         text += f"latent clip {m.latent_clip}"
     else:
         text += f"latent z-score against a per-position normal reference, clip {m.reference_clip}"
+    if m.features:
+        text += f"; decoder-feature term, clip {m.feature_clip}"
     if m.alignment:
         text += "; alignment " + ", ".join(f"{name} {value:.2f}" for name, value in m.alignment.items())
     return text

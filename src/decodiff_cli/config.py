@@ -81,6 +81,14 @@ class MapConfig:
     reference: str = "none"  # none | position (| auto, before fitting)
     reference_clip: float = 6.0  # in z-score units; replaces latent_clip when reference is on
     alignment: dict[str, float] = field(default_factory=dict)  # per class, measured by "auto"
+    # Beyond the paper: a third term, the difference between the decoder's feature maps of
+    # the correction and of the input (at each upsampling step), in units of its 99th
+    # percentile on normal training images (measured at fit time, per class and level).
+    # Decoder features see texture and shape that neither the latent nor the RGB difference
+    # weighs well. Needs an autoencoder with a decoder (not the pixel backend).
+    features: bool = False
+    feature_clip: float = 2.0  # in units of the normal 99th percentile
+    feature_scales: dict[str, list[float]] = field(default_factory=dict)  # per class, coarse to fine
 
 
 @dataclass

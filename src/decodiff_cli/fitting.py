@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from decodiff_cli import __version__
-from decodiff_cli.anomaly_map import alignment, identity_reference, normal_reference
+from decodiff_cli.anomaly_map import alignment, feature_scales, identity_reference, latent_difference, normal_reference
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
@@ -105,23 +105,31 @@ def has_own_reference(map_cfg, name: str) -> bool:
     return map_cfg.alignment.get(name, 0.0) < ALIGNED_BELOW
 
 
-def normal_reference_per_class(model, cache, labels: list[int], categories: list[str]) -> torch.Tensor:
-    """(classes, 2, h, w): per-position mean and spread of the trained model's correction
-    on training images (first view, already encoded). Training images, not the held-out
-    ones: those stay unseen, for the thresholds. Classes that "auto" found unaligned get
-    the identity reference: their maps stay the paper's."""
+def normal_statistics(model, cache, labels: list[int], categories: list[str]) -> tuple[torch.Tensor | None, dict[str, list[float]]]:
+    """What the map measures against, from the trained model's corrections of training
+    images (first view, already encoded; the held-out ones stay unseen, for the thresholds):
+    - the (classes, 2, h, w) normal reference of the latent term, when the map uses one;
+      classes that "auto" found unaligned get the identity reference (the paper's map);
+    - per class, the scales of the decoder-feature levels, when the map has that term."""
     map_cfg = model.cfg.anomaly_map
-    per_class = []
+    size = model.cfg.denoiser.latent_size
+    use_reference = map_cfg.reference != "none"
+    references, scales = [], {}
     for index, name in enumerate(categories):
-        if not has_own_reference(map_cfg, name):
-            size = model.cfg.denoiser.latent_size
-            per_class.append(identity_reference(map_cfg, (size, size)))
-            continue
-        z0 = _first_views(cache, _spread_rows(labels, index), model.scaler)
-        differences = torch.cat([model.latent_differences(chunk, torch.full((len(chunk),), index))
-                                 for chunk in z0.split(16)])
-        per_class.append(normal_reference(differences))
-    return torch.stack(per_class)
+        own_reference = use_reference and has_own_reference(map_cfg, name)
+        differences, levels = [], []
+        if own_reference or map_cfg.features:
+            for z0 in _first_views(cache, _spread_rows(labels, index), model.scaler).to(model.device).split(16):
+                z0_hat = model.correct(z0, torch.full((len(z0),), index))
+                differences.append(latent_difference(z0_hat, z0).cpu())
+                if map_cfg.features:
+                    levels.append([level.cpu() for level in model.decode_pairs(z0, z0_hat)[2]])
+        if use_reference:
+            references.append(normal_reference(torch.cat(differences)) if own_reference
+                              else identity_reference(map_cfg, (size, size)))
+        if map_cfg.features:
+            scales[name] = [round(x, 6) for x in feature_scales([torch.cat(level) for level in zip(*levels)])]
+    return (torch.stack(references) if use_reference else None), scales
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -191,6 +199,9 @@ def fit(
 
     began = time.monotonic()  # --time-budget covers reading and encoding too
     autoencoder = load_autoencoder(cfg.autoencoder.spec).to(accelerator.device)  # fails fast when offline
+    if cfg.anomaly_map.features and not autoencoder.feature_stages():
+        cfg.anomaly_map.features = False
+        emit("note", {"message": "this autoencoder has no decoder features to compare: the map keeps its other terms"})
 
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
@@ -259,10 +270,10 @@ def fit(
         denoiser = Denoiser(cfg.denoiser)
         denoiser.load_state_dict(result.denoiser_state)
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device)
-        if cfg.anomaly_map.reference != "none":
+        if cfg.anomaly_map.reference != "none" or cfg.anomaly_map.features:
             emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
-                                             if has_own_reference(cfg.anomaly_map, name))})
-            model.reference = normal_reference_per_class(model, cache, labels, categories)
+                                             if cfg.anomaly_map.features or has_own_reference(cfg.anomaly_map, name))})
+            model.reference, cfg.anomaly_map.feature_scales = normal_statistics(model, cache, labels, categories)
         emit("calibrate", {"images": sum(map(len, holdout.values()))})
         calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from decodiff_cli.anomaly_map import anomaly_maps, image_scores, latent_difference, needs_decoder
+from decodiff_cli.anomaly_map import anomaly_maps, feature_difference, image_scores, latent_difference, needs_decoder
 from decodiff_cli.autoencoders import Autoencoder
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
@@ -98,6 +98,22 @@ class DecoDiffModel:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self._chunked(self.autoencoder.decode, self.scaler.denormalize(z))
 
+    @torch.inference_mode()
+    def decode_pairs(self, z0: torch.Tensor, z0_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Decodes each input beside its correction: (reconstructed, corrected, per-level
+        decoder-feature differences (N, 1, h_l, w_l)). Pairs share a chunk, so that the
+        full-size feature maps can be compared and dropped at once."""
+        pairs = torch.stack([z0, z0_hat], dim=1).flatten(0, 1)  # z0[0], z0_hat[0], z0[1], ...
+        layout = torch.channels_last if self.on_cpu else torch.contiguous_format
+        images, levels = [], []
+        for chunk in self.scaler.denormalize(pairs).split(2 * self.autoencoder_chunk):
+            with self._autocast():
+                decoded, features = self.autoencoder.decode_with_features(chunk.to(self.device).contiguous(memory_format=layout))
+            images.append(decoded.float())
+            levels.append([feature_difference(f[0::2], f[1::2]) for f in features])
+        images = torch.cat(images).contiguous()
+        return images[0::2], images[1::2], [torch.cat(level) for level in zip(*levels)]
+
     def _correct(self, z0: torch.Tensor, class_ids: torch.Tensor | None, num_calls: int | None) -> torch.Tensor:
         labels = class_ids.to(self.device) if class_ids is not None and self.cfg.denoiser.num_classes else None
 
@@ -111,10 +127,9 @@ class DecoDiffModel:
         return correct(eps_theta, z0, self.abar, correction.timesteps(), correction.strategy)
 
     @torch.inference_mode()
-    def latent_differences(self, z0: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """|correction - z0| per latent position, (N, 1, h, w): what the normal reference is made of."""
-        z0 = z0.to(self.device)
-        return latent_difference(self._correct(z0, class_ids, None), z0).cpu()
+    def correct(self, z0: torch.Tensor, class_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised latents -> their corrections z0_hat (on the model's device)."""
+        return self._correct(z0.to(self.device), class_ids, None)
 
     def _reference_rows(self, class_ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
         if self.reference is None or self.cfg.anomaly_map.reference == "none":
@@ -124,6 +139,19 @@ class DecoDiffModel:
                 raise ValueError("this model has a normal reference per class: say which class each image is")
             class_ids = torch.zeros(n, dtype=torch.long)
         return self.reference[class_ids.cpu()].to(self.device)
+
+    def _feature_scales(self, class_ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """(N, levels): the normal scale of each feature level for each image's class."""
+        map_cfg = self.cfg.anomaly_map
+        if not map_cfg.features:
+            return None
+        missing = [name for name in self.cfg.categories if name not in map_cfg.feature_scales]
+        if missing or not self.cfg.categories:
+            raise ValueError(f"the map's feature term has no scales for {', '.join(missing) or 'this model'}: "
+                             "they are measured at fit time")
+        table = torch.tensor([map_cfg.feature_scales[name] for name in self.cfg.categories])
+        rows = torch.zeros(n, dtype=torch.long) if class_ids is None else class_ids.cpu()
+        return table[rows].to(self.device)
 
     @torch.inference_mode()
     def infer(
@@ -151,14 +179,13 @@ class DecoDiffModel:
         z0_hat = self._correct(z0, class_ids, num_calls)
         lap("denoiser")
 
-        reconstructed = corrected = None
+        reconstructed = corrected = features = None
         if needs_decoder(self.cfg.anomaly_map) or keep_corrected:
-            both = self.decode(torch.cat([z0, z0_hat]))
-            reconstructed, corrected = both.chunk(2)
+            reconstructed, corrected, features = self.decode_pairs(z0, z0_hat)
         lap("decode")
 
         maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:],
-                            self._reference_rows(class_ids, len(z0)))
+                            self._reference_rows(class_ids, len(z0)), features, self._feature_scales(class_ids, len(z0)))
         scores = image_scores(maps)
         lap("map")
         return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if keep_corrected else None, timings=timings)

@@ -65,6 +65,7 @@ OPTION_FIELDS = {
     "patch_probs": ("train", "patch_probs"),
     "map_combine": ("anomaly_map", "combine"),
     "map_reference": ("anomaly_map", "reference"),
+    "map_features": ("anomaly_map", "features"),
     "mixed_precision": ("train", "mixed_precision"),
     "hflip": ("train", "hflip"),
     "vflip": ("train", "vflip"),
@@ -119,6 +120,8 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"--mixed-precision must be no, fp16, bf16 or auto, not {cfg.train.mixed_precision!r}")
     if cfg.anomaly_map.combine not in COMBINATIONS:
         raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {cfg.anomaly_map.combine!r}")
+    if cfg.anomaly_map.features and cfg.anomaly_map.combine not in ("arithmetic", "geometric"):
+        raise ValueError(f"--map-features adds a term to an arithmetic or geometric map, not to --map {cfg.anomaly_map.combine}")
     if cfg.anomaly_map.reference not in FIT_REFERENCES:
         raise ValueError(f"--map-reference must be one of {', '.join(FIT_REFERENCES)}, not {cfg.anomaly_map.reference!r}")
     sizes, probs = cfg.train.patch_sizes, cfg.train.patch_probs

@@ -31,3 +31,19 @@ class Autoencoder(nn.Module):
     def architecture(self) -> dict[str, Any]:
         """Plain data that, with ``state_dict()``, rebuilds this network offline."""
         raise NotImplementedError
+
+    def feature_stages(self) -> list[nn.Module]:
+        """Decoder modules whose *inputs* are the feature maps the map's feature term
+        compares (one per resolution: the upsampling steps); [] when there are none."""
+        return []
+
+    def decode_with_features(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``decode`` that also returns the decoder's feature maps, coarse to fine."""
+        found: list[torch.Tensor] = []
+        hooks = [stage.register_forward_pre_hook(lambda module, args: found.append(args[0]))
+                 for stage in self.feature_stages()]
+        try:
+            return self.decode(latents), found
+        finally:
+            for hook in hooks:
+                hook.remove()

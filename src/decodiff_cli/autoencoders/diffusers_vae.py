@@ -63,3 +63,8 @@ class DiffusersAutoencoder(Autoencoder):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents).sample.clamp(-1, 1)
+
+    def feature_stages(self) -> list[torch.nn.Module]:
+        # AutoencoderKL upsamples with diffusers' Upsample2D, AutoencoderTiny with nn.Upsample.
+        return [m for m in self.vae.decoder.modules()
+                if isinstance(m, torch.nn.Upsample) or type(m).__name__ == "Upsample2D"]

@@ -157,6 +157,9 @@ class TaesdFolderAutoencoder(Autoencoder):
     def architecture(self) -> dict[str, Any]:
         return copy.deepcopy(self.arch)
 
+    def feature_stages(self) -> list[nn.Module]:
+        return [layer for layer in self.decoder if isinstance(layer, nn.Upsample)]
+
 
 def is_taesd_folder(path: str | Path) -> bool:
     """A folder with exactly one ``*_encoder.pth`` and one ``*_decoder.pth``."""
