@@ -54,6 +54,7 @@ def test_map_features_option_needs_a_mean_of_terms():
     assert build_config("cpu", {"map_features": True}).anomaly_map.features
     with pytest.raises(ValueError, match="--map-features"):
         build_config("cpu", {"map_features": True, "map_combine": "latent"})
+    assert not build_config("cpu", {"map_combine": "latent"}).anomaly_map.features  # the preset's default yields
 
 
 def test_decoders_expose_one_feature_level_per_upsampling():

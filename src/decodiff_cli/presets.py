@@ -122,8 +122,10 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"--mixed-precision must be no, fp16, bf16 or auto, not {cfg.train.mixed_precision!r}")
     if cfg.anomaly_map.combine not in COMBINATIONS:
         raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {cfg.anomaly_map.combine!r}")
-    if cfg.anomaly_map.features and cfg.anomaly_map.combine not in ("arithmetic", "geometric"):
-        raise ValueError(f"--map-features adds a term to an arithmetic or geometric map, not to --map {cfg.anomaly_map.combine}")
+    if cfg.anomaly_map.combine in ("pixel", "latent"):  # a one-term map is what was asked for
+        if options.get("map_features"):
+            raise ValueError(f"--map-features adds a term to an arithmetic or geometric map, not to --map {cfg.anomaly_map.combine}")
+        cfg.anomaly_map.features = False
     if cfg.anomaly_map.reference not in FIT_REFERENCES:
         raise ValueError(f"--map-reference must be one of {', '.join(FIT_REFERENCES)}, not {cfg.anomaly_map.reference!r}")
     sizes, probs = cfg.train.patch_sizes, cfg.train.patch_probs
