@@ -48,6 +48,8 @@ def test_feature_term_needs_its_inputs():
     image = torch.zeros(1, 3, 64, 64)
     with pytest.raises(ValueError, match="feature term"):
         anomaly_maps(z0, z0, image, image, MapConfig(combine="arithmetic", features=True), (64, 64))
+    with pytest.raises(ValueError, match="third term"):
+        anomaly_maps(z0, z0, image, image, MapConfig(combine="latent", features=True), (64, 64), None, [], torch.zeros(1, 0))
 
 
 def test_map_features_option_needs_a_mean_of_terms():

@@ -147,6 +147,8 @@ def anomaly_maps(
         clip = cfg.latent_clip if reference is None else cfg.reference_clip
         terms.append(latent_discrepancy(z0_hat.float(), z0.float(), clip, cfg.latent_sigma, size, reference))
     if cfg.features:
+        if cfg.combine in ("pixel", "latent"):
+            raise ValueError(f"the feature term is a third term of an arithmetic or geometric map, not of a {cfg.combine!r} one")
         if features is None or scales is None:
             raise ValueError("the map's feature term needs the decoder's features and their scales from fit time")
         terms.append(feature_discrepancy(features, scales, cfg.feature_clip, size))
