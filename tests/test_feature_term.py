@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from decodiff_cli.anomaly_map import anomaly_maps, combine, feature_discrepancy, feature_scales
+from decodiff_cli.anomaly_map import anomaly_maps, combine, feature_discrepancy, feature_scales, shift_images
 from decodiff_cli.autoencoders.pixel import PixelAutoencoder
 from decodiff_cli.bundle import read_bundle
 from decodiff_cli.config import MapConfig
 from decodiff_cli.detector import Detector
+from decodiff_cli.images import load_image
 from decodiff_cli.presets import build_config
 
 from conftest import CATEGORY, tiny_config
@@ -152,3 +153,40 @@ def test_pixel_backend_fits_without_the_feature_term(category_dir, tmp_path):
     fit(images, tmp_path / "model", cfg, on_event=lambda kind, info: events.append((kind, info)))
     assert not read_bundle(tmp_path / "model").config.anomaly_map.features
     assert any(kind == "note" and "decoder features" in info["message"] for kind, info in events)
+
+
+# ------------------------------------------------------------------- the shifted view
+
+
+def test_shift_images_moves_content_and_replicates_the_edge():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    moved = shift_images(x, 1)
+    assert torch.equal(moved[0, 0, 1:, 1:], x[0, 0, :3, :3])
+    assert torch.equal(moved[0, 0, 0, 1:], x[0, 0, 0, :3])  # the top edge replicated
+    assert torch.equal(shift_images(moved, -1)[0, 0, :3, :3], x[0, 0, :3, :3])
+
+
+def test_shifted_view_averages_two_maps_only_for_unaligned_classes(feature_bundle, test_images):
+    detector = Detector.load(feature_bundle, device="cpu")
+    model = detector.model
+    images = torch.stack([load_image(p, model.cfg.preprocess).tensor for p in test_images[:2]])
+    plain = model.infer(images).maps
+    model.cfg.anomaly_map.shifted_view = True
+    shifted = model.infer(images)
+    assert shifted.maps.shape == plain.shape and not torch.allclose(shifted.maps, plain)
+    d = model.cfg.autoencoder.downsample // 2  # half a latent pixel
+    model.cfg.anomaly_map.shifted_view = False
+    second = model.infer(shift_images(images, d)).maps
+    assert torch.allclose(shifted.maps, (plain + shift_images(second[:, None], -d)[:, 0]) / 2, atol=1e-5)
+    # An aligned class with its own reference keeps the single view.
+    model.cfg.anomaly_map = dataclasses.replace(model.cfg.anomaly_map, shifted_view=True, reference="position",
+                                                alignment={CATEGORY: 0.1})
+    model.reference = torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])[None]
+    with_reference = model.infer(images).maps
+    model.cfg.anomaly_map.shifted_view = False
+    assert torch.allclose(with_reference, model.infer(images).maps)
+
+
+def test_shifted_view_is_a_fit_option():
+    assert build_config("cpu", {"shifted_view": True}).anomaly_map.shifted_view
+    assert not build_config("cpu", {}).anomaly_map.shifted_view

@@ -11,7 +11,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from decodiff_cli.config import COMBINATIONS, REFERENCES, MapConfig
+from decodiff_cli.config import ALIGNED_BELOW, COMBINATIONS, REFERENCES, MapConfig
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -67,6 +67,20 @@ def alignment(latents: torch.Tensor) -> float:
     per_position = latents.std(dim=0).mean(dim=(1, 2))
     overall = latents.transpose(0, 1).flatten(1).std(dim=1)
     return float((per_position / overall.clamp_min(1e-8)).mean())
+
+
+def has_own_reference(cfg: MapConfig, name: str) -> bool:
+    """False for a class that "auto" measured as unaligned (no alignment: "position" was asked for)."""
+    return cfg.alignment.get(name, 0.0) < ALIGNED_BELOW
+
+
+def shift_images(images: torch.Tensor, d: int) -> torch.Tensor:
+    """(N, C, H, W) content moved d pixels down and right (up and left when negative), the
+    uncovered border filled by replicating the edge."""
+    h, w = images.shape[-2:]
+    p = abs(d)
+    padded = F.pad(images, (p, p, p, p), mode="replicate")
+    return padded[..., p - d : p - d + h, p - d : p - d + w]
 
 
 def identity_reference(cfg: MapConfig, size: tuple[int, int]) -> torch.Tensor:

@@ -89,6 +89,12 @@ class MapConfig:
     features: bool = False
     feature_clip: float = 2.0  # in units of the normal 99th percentile
     feature_scales: dict[str, list[float]] = field(default_factory=dict)  # per class, coarse to fine
+    # Beyond the paper: for classes without their own normal reference (unaligned ones),
+    # also score a copy of the image shifted by half a latent pixel and average the two
+    # maps (the second shifted back). Where the autoencoder's grid falls changes how the
+    # correction treats normal texture, not a real defect. Twice the scoring cost for
+    # those classes; aligned classes are left alone (their reference does not shift).
+    shifted_view: bool = False
 
 
 @dataclass

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from decodiff_cli import __version__
-from decodiff_cli.anomaly_map import alignment, feature_scales, identity_reference, latent_difference, normal_reference
+from decodiff_cli.anomaly_map import (alignment, feature_scales, has_own_reference, identity_reference, latent_difference,
+                                      normal_reference)
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
-from decodiff_cli.config import ALIGNED_BELOW, ModelConfig
+from decodiff_cli.config import ModelConfig
 from decodiff_cli.images import ImageReadError, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
@@ -98,11 +99,6 @@ def class_alignment(cache, labels: list[int], categories: list[str], scaler: Lat
     """anomaly_map.alignment of each class's training latents (first view)."""
     return {name: round(alignment(_first_views(cache, _spread_rows(labels, index), scaler)), 4)
             for index, name in enumerate(categories)}
-
-
-def has_own_reference(map_cfg, name: str) -> bool:
-    """False for a class that "auto" measured as unaligned (no alignment: "position" was asked for)."""
-    return map_cfg.alignment.get(name, 0.0) < ALIGNED_BELOW
 
 
 def normal_statistics(model, cache, labels: list[int], categories: list[str]) -> tuple[torch.Tensor | None, dict[str, list[float]]]:

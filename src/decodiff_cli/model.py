@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from decodiff_cli.anomaly_map import anomaly_maps, feature_difference, image_scores, latent_difference, needs_decoder
+from decodiff_cli.anomaly_map import anomaly_maps, feature_difference, has_own_reference, image_scores, needs_decoder, shift_images
 from decodiff_cli.autoencoders import Autoencoder
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
@@ -165,6 +165,28 @@ class DecoDiffModel:
         """``class_ids``: the category index of each image (used by a class-conditional
         denoiser and to pick the normal reference); None for a one-class model."""
         timings: dict[str, float] = {}
+        maps, corrected = self._maps(images, class_ids, num_calls, keep_corrected, z0, timings)
+        rows = self._shifted_view_rows(class_ids, len(maps))
+        if rows.any():  # the map's shifted view: see MapConfig.shifted_view
+            d = max(1, self.cfg.autoencoder.downsample // 2)
+            ids = None if class_ids is None else class_ids[rows.to(class_ids.device)]
+            again, _ = self._maps(shift_images(images[rows.to(images.device)], d), ids, num_calls, False, None, timings)
+            rows = rows.to(maps.device)
+            maps[rows] = (maps[rows] + shift_images(again[:, None], -d)[:, 0]) / 2
+        scores = image_scores(maps)
+        return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if keep_corrected else None, timings=timings)
+
+    def _shifted_view_rows(self, class_ids: torch.Tensor | None, n: int) -> torch.Tensor:
+        """(N,) bool: the images whose class gets the shifted view (no own normal reference)."""
+        map_cfg = self.cfg.anomaly_map
+        if not map_cfg.shifted_view:
+            return torch.zeros(n, dtype=torch.bool)
+        unaligned = torch.tensor([map_cfg.reference == "none" or not has_own_reference(map_cfg, name)
+                                  for name in self.cfg.categories or [""]])
+        return unaligned[torch.zeros(n, dtype=torch.long) if class_ids is None else class_ids.cpu()]
+
+    def _maps(self, images, class_ids, num_calls, keep_corrected, z0, timings) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """image -> latent -> corrected latent -> (N, S, S) maps, and the decoded corrections."""
         clock = time.perf_counter()
 
         def lap(stage: str) -> None:
@@ -186,6 +208,5 @@ class DecoDiffModel:
 
         maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:],
                             self._reference_rows(class_ids, len(z0)), features, self._feature_scales(class_ids, len(z0)))
-        scores = image_scores(maps)
         lap("map")
-        return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if keep_corrected else None, timings=timings)
+        return maps, corrected

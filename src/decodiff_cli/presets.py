@@ -68,6 +68,7 @@ OPTION_FIELDS = {
     "map_combine": ("anomaly_map", "combine"),
     "map_reference": ("anomaly_map", "reference"),
     "map_features": ("anomaly_map", "features"),
+    "shifted_view": ("anomaly_map", "shifted_view"),
     "mixed_precision": ("train", "mixed_precision"),
     "hflip": ("train", "hflip"),
     "vflip": ("train", "vflip"),
