@@ -1,5 +1,6 @@
-"""Experiment (not yet an option): average the map over the input and a copy shifted by
-D pixels (4 = half a latent pixel of an 8x autoencoder), the shifted map shifted back.
+"""Experiment behind `--shifted-view`: the map of the input, of a copy shifted by D pixels
+(4 = half a latent pixel of an 8x autoencoder; the map shifted back), and their mean
+(what the option computes for classes without their own normal reference).
 
 A shift moves the 8x8 grid of the autoencoder over the image, so the correction's
 response to normal texture changes while a real defect stays: averaging the two maps
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
+from decodiff_cli.anomaly_map import shift_images
 from decodiff_cli.benchmark import _protocol_mask, discover, to_protocol
 from decodiff_cli.detector import Detector
 from decodiff_cli.images import load_image, map_to_original
@@ -24,14 +25,6 @@ from decodiff_cli.metrics import compute_metrics
 
 KEYS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
 torch.set_num_threads(1)
-
-
-def shift(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Content moves by d pixels down and right (up and left when negative); borders replicated."""
-    size, p = x.shape[-1], abs(d)
-    padded = F.pad(x, (p, p, p, p), mode="replicate")
-    o = p - d
-    return padded[..., o:o + size, o:o + size]
 
 
 @torch.inference_mode()
@@ -46,7 +39,7 @@ def main() -> None:
         x = torch.stack([load_image(s.image, pre).tensor for s in samples[i:i + 8]])
         c = ids.expand(len(x))
         base.append(detector.model.infer(x, c).maps)
-        shifted.append(shift(detector.model.infer(shift(x, d), c).maps[:, None], -d)[:, 0])
+        shifted.append(shift_images(detector.model.infer(shift_images(x, d), c).maps[:, None], -d)[:, 0])
     base, shifted = torch.cat(base), torch.cat(shifted)
     originals = [load_image(x.image, pre).original_size for x in samples]
     masks = np.stack([_protocol_mask(x, protocol) for x in samples])
