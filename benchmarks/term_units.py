@@ -39,7 +39,7 @@ def main():
         feats = torch.load(feats_file)
     else:
         def levels(z0, z0_hat):
-            parts = [model.decode_pairs(a, b)[2] for a, b in zip(z0.split(8), z0_hat.split(8))]
+            parts = [model.decode_pairs(a, b, features=True)[2] for a, b in zip(z0.split(8), z0_hat.split(8))]
             return [torch.cat(p) for p in zip(*parts)]
         feats = dict(n=levels(s["nz0"], s["nz0_hat"]), t=levels(s["z0"], s["z0_hat"]))
         torch.save(feats, feats_file)

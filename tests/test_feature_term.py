@@ -129,11 +129,13 @@ def test_decode_pairs_matches_decoding_each(feature_bundle):
     model = Detector.load(feature_bundle, device="cpu").model
     z0 = torch.randn(3, 16, 8, 8)
     z0_hat = z0 + 0.5 * torch.randn(3, 16, 8, 8)
-    reconstructed, corrected, levels = model.decode_pairs(z0, z0_hat)
+    reconstructed, corrected, levels = model.decode_pairs(z0, z0_hat, features=True)
     assert torch.allclose(reconstructed, model.decode(z0), atol=1e-5)
     assert torch.allclose(corrected, model.decode(z0_hat), atol=1e-5)
     assert [tuple(level.shape) for level in levels] == [(3, 1, 8, 8), (3, 1, 16, 16), (3, 1, 32, 32)]
-    assert torch.allclose(model.decode_pairs(z0, z0)[2][0], torch.zeros(3, 1, 8, 8))
+    assert torch.allclose(model.decode_pairs(z0, z0, features=True)[2][0], torch.zeros(3, 1, 8, 8))
+    plain = model.decode_pairs(z0, z0_hat, features=False)  # no hooks, no feature work
+    assert plain[2] == [] and torch.allclose(plain[1], corrected, atol=1e-5)
 
 
 def test_info_mentions_the_feature_term(invoke, feature_bundle):

@@ -70,8 +70,10 @@ def alignment(latents: torch.Tensor) -> float:
 
 
 def has_own_reference(cfg: MapConfig, name: str) -> bool:
-    """False for a class that "auto" measured as unaligned (no alignment: "position" was asked for)."""
-    return cfg.alignment.get(name, 0.0) < ALIGNED_BELOW
+    """Whether the map measures this class against its own normal reference: not with
+    reference "none", nor for a class that "auto" measured as unaligned (no alignment
+    measured: "position" was asked for, every class has one)."""
+    return cfg.reference != "none" and cfg.alignment.get(name, 0.0) < ALIGNED_BELOW
 
 
 def shift_images(images: torch.Tensor, d: int) -> torch.Tensor:

@@ -112,14 +112,14 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
     use_reference = map_cfg.reference != "none"
     references, scales = [], {}
     for index, name in enumerate(categories):
-        own_reference = use_reference and has_own_reference(map_cfg, name)
+        own_reference = has_own_reference(map_cfg, name)
         differences, levels = [], []
         if own_reference or map_cfg.features:
             for z0 in _first_views(cache, _spread_rows(labels, index), model.scaler).to(model.device).split(16):
                 z0_hat = model.correct(z0, torch.full((len(z0),), index))
                 differences.append(latent_difference(z0_hat, z0).cpu())
                 if map_cfg.features:
-                    levels.append([level.cpu() for level in model.decode_pairs(z0, z0_hat)[2]])
+                    levels.append([level.cpu() for level in model.decode_pairs(z0, z0_hat, features=True)[2]])
         if use_reference:
             references.append(normal_reference(torch.cat(differences)) if own_reference
                               else identity_reference(map_cfg, (size, size)))

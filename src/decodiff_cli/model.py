@@ -99,18 +99,19 @@ class DecoDiffModel:
         return self._chunked(self.autoencoder.decode, self.scaler.denormalize(z))
 
     @torch.inference_mode()
-    def decode_pairs(self, z0: torch.Tensor, z0_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def decode_pairs(self, z0: torch.Tensor, z0_hat: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Decodes each input beside its correction: (reconstructed, corrected, per-level
-        decoder-feature differences (N, 1, h_l, w_l)). Pairs share a chunk, so that the
-        full-size feature maps can be compared and dropped at once."""
+        decoder-feature differences (N, 1, h_l, w_l), [] unless ``features``). Pairs share a
+        chunk, so that the full-size feature maps can be compared and dropped at once."""
         pairs = torch.stack([z0, z0_hat], dim=1).flatten(0, 1)  # z0[0], z0_hat[0], z0[1], ...
         layout = torch.channels_last if self.on_cpu else torch.contiguous_format
         images, levels = [], []
         for chunk in self.scaler.denormalize(pairs).split(2 * self.autoencoder_chunk):
             with self._autocast():
-                decoded, features = self.autoencoder.decode_with_features(chunk.to(self.device).contiguous(memory_format=layout))
+                chunk = chunk.to(self.device).contiguous(memory_format=layout)
+                decoded, found = self.autoencoder.decode_with_features(chunk) if features else (self.autoencoder.decode(chunk), [])
             images.append(decoded.float())
-            levels.append([feature_difference(f[0::2], f[1::2]) for f in features])
+            levels.append([feature_difference(f[0::2], f[1::2]) for f in found])
         images = torch.cat(images).contiguous()
         return images[0::2], images[1::2], [torch.cat(level) for level in zip(*levels)]
 
@@ -181,8 +182,7 @@ class DecoDiffModel:
         map_cfg = self.cfg.anomaly_map
         if not map_cfg.shifted_view:
             return torch.zeros(n, dtype=torch.bool)
-        unaligned = torch.tensor([map_cfg.reference == "none" or not has_own_reference(map_cfg, name)
-                                  for name in self.cfg.categories or [""]])
+        unaligned = torch.tensor([not has_own_reference(map_cfg, name) for name in self.cfg.categories or [""]])
         return unaligned[torch.zeros(n, dtype=torch.long) if class_ids is None else class_ids.cpu()]
 
     def _maps(self, images, class_ids, num_calls, keep_corrected, z0, timings) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -203,7 +203,7 @@ class DecoDiffModel:
 
         reconstructed = corrected = features = None
         if needs_decoder(self.cfg.anomaly_map) or keep_corrected:
-            reconstructed, corrected, features = self.decode_pairs(z0, z0_hat)
+            reconstructed, corrected, features = self.decode_pairs(z0, z0_hat, self.cfg.anomaly_map.features)
         lap("decode")
 
         maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:],

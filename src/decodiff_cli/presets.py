@@ -28,7 +28,7 @@ def _cpu() -> ModelConfig:
         # the arithmetic mean localises better than the geometric one for small autoencoders.
         # The normal reference: measured on bottle (aligned) as a gain, on magnetic tile
         # (unaligned, defects at the borders) as a loss, hence "auto". The decoder-feature
-        # term: AUPRO +.01 to +.03 on bottle, magnetic tile and a unified model of both, on
+        # term: AUPRO +.002 to +.031 on bottle, magnetic tile and a unified model of both, on
         # the same weights (benchmarks/add_feature_term.py).
         anomaly_map=MapConfig(combine="arithmetic", reference="auto", features=True),
     )
