@@ -197,7 +197,7 @@ def fit(
     autoencoder = load_autoencoder(cfg.autoencoder.spec).to(accelerator.device)  # fails fast when offline
     if cfg.anomaly_map.features and not autoencoder.feature_stages():
         cfg.anomaly_map.features = False
-        emit("note", {"message": "this autoencoder has no decoder features to compare: the map keeps its other terms"})
+        emit("note", {"message": f"autoencoder {cfg.autoencoder.spec!r} has no decoder features: the map goes without its feature term"})
 
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
