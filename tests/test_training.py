@@ -40,9 +40,11 @@ from decodiff_cli.presets import build_config
 from decodiff_cli.training import TrainingInterrupted, _StopFlag, _truncate_log, batch_rows
 
 STEPS = 12
-# map_reference none: _record_rows counts every read of the latent cache, and the "auto"
-# map reference reads it too (once, to measure alignment).
-OPTIONS = dict(autoencoder="pixel", model_size="tiny", image_size=64, batch_size=4, seed=0, map_reference="none")
+# map_reference none, no novelty term: _record_rows counts every read of the latent cache,
+# and the "auto" map reference (to measure alignment) and the novelty term (to store normal
+# latents) read it too.
+OPTIONS = dict(autoencoder="pixel", model_size="tiny", image_size=64, batch_size=4, seed=0, map_reference="none",
+               map_novelty=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -223,6 +225,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _flag(option: str, value) -> str:
+    name = option.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name}={value}"
+
+
 SHIM = """
 import json, os, sys
 from decodiff_cli.latent_cache import LatentCache
@@ -259,7 +268,7 @@ def test_two_processes_make_the_same_steps_and_one_bundle(baseline, images, tmp_
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(shim),
                "fit", str(images), "--out", str(out), "--max-steps", str(STEPS),
-               *[f"--{k.replace('_', '-')}={v}" for k, v in OPTIONS.items()]]
+               *[_flag(k, v) for k, v in OPTIONS.items()]]
     start = time.monotonic()
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # its own process group: a hang takes no workers along

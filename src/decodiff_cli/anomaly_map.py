@@ -127,6 +127,13 @@ def feature_discrepancy(levels: list[torch.Tensor], scales: torch.Tensor, clip: 
     return torch.stack(terms).mean(dim=0)
 
 
+def novelty_discrepancy(distances: torch.Tensor, clip: float, sigma: float, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, h, w) nearest-normal distances in units of their normal scale -> (N, 1, H, W)
+    in [0, 1]: clipped, blurred like the latent term, upsampled to image size."""
+    term = gaussian_blur(distances.clamp(0, clip) / clip, sigma)
+    return F.interpolate(term, size=size, mode="bilinear", align_corners=False)
+
+
 def combine(terms: list[torch.Tensor], how: str) -> torch.Tensor:
     """The map's terms (pixel, latent, [features]) -> one map: their arithmetic or geometric mean."""
     if how == "geometric":
@@ -146,10 +153,13 @@ def anomaly_maps(
     reference: torch.Tensor | None = None,
     features: list[torch.Tensor] | None = None,
     scales: torch.Tensor | None = None,
+    novelty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, H, W) maps in [0, 1]. The decoded images are only needed when the pixel term is
     used; the (N, 2, h, w) normal reference only when ``cfg.reference`` is not "none"; the
-    per-level feature differences and their (N, levels) scales only with ``cfg.features``."""
+    per-level feature differences and their (N, levels) scales only with ``cfg.features``;
+    the (N, 1, h, w) nearest-normal distances, in units of their normal scale, only with
+    ``cfg.novelty``."""
     terms = []
     if cfg.combine != "latent":
         terms.append(pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma))
@@ -168,7 +178,12 @@ def anomaly_maps(
         if features is None or scales is None:
             raise ValueError("the map's feature term needs the decoder's features and their scales from fit time")
         terms.append(feature_discrepancy(features, scales, cfg.feature_clip, size))
-    return combine(terms, cfg.combine)[:, 0].clamp(0, 1)
+    maps = combine(terms, cfg.combine)
+    if cfg.novelty:
+        if novelty is None:
+            raise ValueError("the map's novelty term needs the nearest-normal distances and the normal latents from fit time")
+        maps = (maps + novelty_discrepancy(novelty, cfg.novelty_clip, cfg.latent_sigma, size)) / 2
+    return maps[:, 0].clamp(0, 1)
 
 
 def needs_decoder(cfg: MapConfig) -> bool:

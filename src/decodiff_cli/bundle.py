@@ -7,6 +7,8 @@
     autoencoder.safetensors  the frozen autoencoder, embedded (absent for `pixel`)
     normal_reference.safetensors  per-class statistics of the correction on normal images
                              (only with the map's `reference` option)
+    normal_latents.safetensors    per class, normal latent neighbourhood vectors (only
+                             with the map's `novelty` term)
     training_log.jsonl       one JSON object per logged training step
     checksums.json           sha256 of every file above; verified on load
 
@@ -33,6 +35,7 @@ from decodiff_cli.config import ModelConfig
 CONFIG, CALIBRATION, CHECKSUMS = "config.json", "calibration.json", "checksums.json"
 DENOISER, AUTOENCODER, TRAINING_LOG = "denoiser.safetensors", "autoencoder.safetensors", "training_log.jsonl"
 REFERENCE = "normal_reference.safetensors"
+NORMAL_LATENTS = "normal_latents.safetensors"
 
 
 class BundleError(ValueError):
@@ -90,6 +93,7 @@ def write_bundle(
     training_log: Path | None = None,
     overwrite: bool = False,
     reference: torch.Tensor | None = None,
+    normal_latents: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
@@ -105,6 +109,8 @@ def write_bundle(
             _save_tensors(tmp / AUTOENCODER, autoencoder_state)
         if reference is not None:
             _save_tensors(tmp / REFERENCE, {"reference": reference})
+        if normal_latents:
+            _save_tensors(tmp / NORMAL_LATENTS, {name: bank.half() for name, bank in normal_latents.items()})
         if training_log is not None and Path(training_log).is_file():
             shutil.copyfile(training_log, tmp / TRAINING_LOG)
         _write_checksums(tmp)
@@ -212,6 +218,23 @@ def load_reference(bundle: Bundle) -> torch.Tensor | None:
         shape = None if reference is None else tuple(reference.shape)
         raise BundleError(f"{file}: expected a (classes, 2, {size}, {size}) 'reference' tensor, found {shape}")
     return reference.float()
+
+
+def load_normal_latents(bundle: Bundle) -> dict[str, torch.Tensor] | None:
+    """Per class name, the (M, C) normal latent vectors of the map's novelty term."""
+    cfg = bundle.config
+    if not cfg.anomaly_map.novelty:
+        return None
+    file = bundle.path / NORMAL_LATENTS
+    if not file.is_file():
+        raise BundleError(f"{bundle.path}: {NORMAL_LATENTS} is missing, but {CONFIG} asks for the map's novelty term")
+    banks = load_state(file)
+    channels = cfg.denoiser.latent_channels
+    wrong = [name for name in cfg.categories
+             if name not in banks or banks[name].ndim != 2 or banks[name].shape[1] != channels]
+    if wrong:
+        raise BundleError(f"{file}: expected a (vectors, {channels}) tensor for each of {', '.join(wrong)}")
+    return {name: banks[name].float() for name in cfg.categories}
 
 
 def write_calibration(path: Path, calibration: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ def fit(
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
     map_features: Optional[bool] = typer.Option(None, "--map-features/--no-map-features", help="Add the decoder-feature discrepancy to the map (needs a decoder: not the pixel backend)."),
+    map_novelty: Optional[bool] = typer.Option(None, "--map-novelty/--no-map-novelty", help="Average the map with each place's latent distance to the nearest normal latent (cpu default; stores the normal latents in the bundle)."),
     shifted_view: Optional[bool] = typer.Option(None, "--shifted-view/--no-shifted-view", help="Unaligned classes: also score a copy shifted by half a latent pixel and average the maps (twice the scoring cost for them)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU), bf16, or auto (bf16 where the CPU or GPU computes it natively)."),
@@ -103,6 +104,8 @@ def fit(
                 console.info(info["message"])
             elif kind == "reference":
                 console.info(f"measuring the map's normal statistics on {info['images']} training image(s)")
+            elif kind == "novelty":
+                console.info(f"storing normal latents for the map's novelty term from {info['images']} training image(s)")
             elif kind == "calibrate":
                 console.info(f"calibrating on {info['images']} held-out image(s)")
 
@@ -197,6 +200,8 @@ def _describe_map(m) -> str:
         text += f"latent z-score against a per-position normal reference, clip {m.reference_clip}"
     if m.features:
         text += f"; decoder-feature term, clip {m.feature_clip}"
+    if m.novelty:
+        text += f"; averaged with the novelty term, clip {m.novelty_clip}"
     if m.shifted_view:
         text += "; shifted view for unaligned classes"
     if m.alignment:

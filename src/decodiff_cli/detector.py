@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from decodiff_cli.bundle import Bundle, load_networks, read_bundle
+from decodiff_cli.bundle import Bundle, load_networks, load_normal_latents, read_bundle
 from decodiff_cli.images import ImageReadError, ImageSource, load_image, map_to_original
 from decodiff_cli.model import DecoDiffModel, Inference
 
@@ -65,7 +65,8 @@ class Detector:
     def load(cls, bundle_path: str | Path, device: str = "auto", dtype: str = "fp32", batch_size: int = 8) -> "Detector":
         bundle = read_bundle(Path(bundle_path))
         autoencoder, denoiser, reference = load_networks(bundle)
-        return cls(bundle, DecoDiffModel(bundle.config, autoencoder, denoiser, device, dtype, reference), batch_size)
+        model = DecoDiffModel(bundle.config, autoencoder, denoiser, device, dtype, reference, load_normal_latents(bundle))
+        return cls(bundle, model, batch_size)
 
     @property
     def class_conditional(self) -> bool:

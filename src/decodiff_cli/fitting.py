@@ -29,6 +29,7 @@ from decodiff_cli.config import ModelConfig
 from decodiff_cli.images import ImageReadError, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
+from decodiff_cli.novelty import normal_bank, novelty_scale
 
 MIN_IMAGES = 4  # per category: at least 3 to train on and 1 to calibrate with
 
@@ -126,6 +127,20 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
         if map_cfg.features:
             scales[name] = [round(x, 6) for x in feature_scales([torch.cat(level) for level in zip(*levels)])]
     return (torch.stack(references) if use_reference else None), scales
+
+
+def normal_latents(cache, labels: list[int], categories: list[str], scaler: LatentScaler) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The novelty term's normal statistics, per class: its bank of normal latent vectors,
+    drawn from all its training images (first view), and the unit of its distances,
+    measured on up to REFERENCE_IMAGES of them (novelty.novelty_scale)."""
+    banks, scales = {}, {}
+    label_tensor = torch.tensor(labels)
+    for index, name in enumerate(categories):
+        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), (label_tensor == index).nonzero()[:, 0])
+        rows = _spread_rows(labels, index)
+        banks[name] = bank
+        scales[name] = round(novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner), 6)
+    return banks, scales
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -265,7 +280,11 @@ def fit(
 
         denoiser = Denoiser(cfg.denoiser)
         denoiser.load_state_dict(result.denoiser_state)
-        model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device)
+        banks = None
+        if cfg.anomaly_map.novelty:
+            emit("novelty", {"images": len(labels)})
+            banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, LatentScaler(cfg.latent_scaling))
+        model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device, normal_latents=banks)
         if cfg.anomaly_map.reference != "none" or cfg.anomaly_map.features:
             emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
                                              if cfg.anomaly_map.features or has_own_reference(cfg.anomaly_map, name))})
@@ -273,7 +292,7 @@ def fit(
         emit("calibrate", {"images": sum(map(len, holdout.values()))})
         calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
-                     overwrite=overwrite or resume, reference=model.reference)
+                     overwrite=overwrite or resume, reference=model.reference, normal_latents=banks)
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return FitResult(bundle=out, steps=result.steps, seconds=result.seconds, categories=categories,

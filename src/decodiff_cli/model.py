@@ -1,7 +1,8 @@
 """The inference path in one place: tensor -> latent -> corrected latent -> anomaly map.
 
 ``DecoDiffModel`` holds the frozen autoencoder, the latent scaler and the denoiser, and
-runs a batch through encode -> deviation correction -> decode -> map, timing each stage.
+runs a batch through encode -> deviation correction -> decode -> map, timing each stage
+(the map's novelty term compares the input latent with the stored normal latents).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
 from decodiff_cli.deviation import alpha_bars, correct
 from decodiff_cli.latents import LatentScaler
+from decodiff_cli.novelty import nearest_distance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,6 +54,7 @@ class DecoDiffModel:
         device: str | torch.device = "cpu",
         dtype: str = "fp32",
         reference: torch.Tensor | None = None,
+        normal_latents: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -72,6 +75,8 @@ class DecoDiffModel:
         self.scaler = LatentScaler(cfg.latent_scaling)
         self.abar = alpha_bars(cfg.schedule.num_timesteps, cfg.schedule.kind)
         self.reference = reference  # (classes, 2, h, w): see anomaly_map.normal_reference
+        # per class name, (M, C) neighbourhood vectors of normal latents: see novelty.normal_bank
+        self.normal_latents = {name: bank.to(self.device, torch.float32) for name, bank in (normal_latents or {}).items()}
 
     def _autocast(self):
         if self.dtype == "fp32":
@@ -154,6 +159,25 @@ class DecoDiffModel:
         rows = torch.zeros(n, dtype=torch.long) if class_ids is None else class_ids.cpu()
         return table[rows].to(self.device)
 
+    def _novelty(self, z0: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """(N, 1, h, w): each place's distance to the nearest normal latent of its image's
+        class, in units of that class's normal scale (None when the map has no novelty term)."""
+        map_cfg = self.cfg.anomaly_map
+        if not map_cfg.novelty:
+            return None
+        names = self.cfg.categories
+        missing = [name for name in names if name not in self.normal_latents or name not in map_cfg.novelty_scales]
+        if missing or not names:
+            raise ValueError(f"the map's novelty term has no normal latents for {', '.join(missing) or 'this model'}: "
+                             "they are stored at fit time")
+        rows = torch.zeros(len(z0), dtype=torch.long) if class_ids is None else class_ids.cpu()
+        out = torch.empty(len(z0), 1, *z0.shape[-2:], device=z0.device)
+        for index in rows.unique().tolist():
+            chosen = (rows == index).to(z0.device)
+            name = names[index]
+            out[chosen] = nearest_distance(z0[chosen], self.normal_latents[name]) / map_cfg.novelty_scales[name]
+        return out
+
     @torch.inference_mode()
     def infer(
         self,
@@ -207,6 +231,7 @@ class DecoDiffModel:
         lap("decode")
 
         maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:],
-                            self._reference_rows(class_ids, len(z0)), features, self._feature_scales(class_ids, len(z0)))
+                            self._reference_rows(class_ids, len(z0)), features, self._feature_scales(class_ids, len(z0)),
+                            self._novelty(z0, class_ids))
         lap("map")
         return maps, corrected

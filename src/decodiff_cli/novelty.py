@@ -1,0 +1,75 @@
+"""The map's novelty term (beyond the paper): how far each place of the input latent is from
+the nearest normal latent, at any position of any normal training image.
+
+The correction says where the model would change the input; novelty says where the input
+is unlike anything seen normal. A small dark hole in a textured surface can look plausible
+to the denoiser (it changes it little) yet match no normal patch. Each latent vector is
+first averaged with its 3x3 neighbours, so that a place is compared with its surroundings
+and one noisy vector does not decide. Distances are in units of their 99th percentile on
+normal training images (each compared with the other images), like the feature term.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+BANK_SIZE = 16384  # normal latent vectors kept per class (a random sample when there are more)
+DISTANCES_PER_CHUNK = 2**24  # query x bank distances computed at once: 64 MiB of floats
+
+
+def neighbourhood(z: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) latents -> each vector averaged with its 3x3 neighbours (edges replicated)."""
+    return F.avg_pool2d(F.pad(z.float(), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+def _vectors(z: torch.Tensor) -> torch.Tensor:
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
+def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int = BANK_SIZE,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normal images ``images`` (N,) ids, read in groups through ``latents_of(ids) ->
+    (n, C, h, w)`` (a cache may be larger than RAM) -> (bank (M, C), owner (M,)): at most
+    ``size`` of their neighbourhood vectors, an equal seeded random share from each image,
+    and the id of the image each came from."""
+    generator = torch.Generator().manual_seed(seed)
+    vectors, owner = [], []
+    for ids in images.split(64):
+        z = neighbourhood(latents_of(ids))
+        places = z.shape[-2] * z.shape[-1]
+        share = min(places, -(-size // len(images)))
+        for image_id, image in zip(ids, z):
+            keep = torch.randperm(places, generator=generator)[:share]
+            vectors.append(_vectors(image[None])[keep])
+            owner.append(torch.full((share,), int(image_id)))
+    vectors, owner = torch.cat(vectors), torch.cat(owner)
+    keep = torch.randperm(len(vectors), generator=generator)[:size]
+    return vectors[keep].contiguous(), owner[keep]
+
+
+def nearest_distance(z: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C, h, w) latents -> (N, 1, h, w): the distance of each neighbourhood vector to the
+    nearest bank vector. ``exclude`` (N, M) bool: bank vectors image n may not match."""
+    n, _, h, w = z.shape
+    bank = bank.to(z.device, torch.float32)
+    out = []
+    for i, image in enumerate(neighbourhood(z)):
+        queries = _vectors(image[None])
+        rows = []
+        for chunk in queries.split(max(1, DISTANCES_PER_CHUNK // len(bank))):
+            d = torch.cdist(chunk, bank)
+            if exclude is not None:
+                d[:, exclude[i].to(d.device)] = float("inf")
+            rows.append(d.amin(dim=1))
+        out.append(torch.cat(rows).view(1, 1, h, w))
+    return torch.cat(out)
+
+
+def novelty_scale(latents: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, owner: torch.Tensor) -> float:
+    """The 99th percentile of the nearest distance of (n, C, h, w) normal latents, of the
+    images ``ids`` (n,), each matched only against the bank vectors of other images."""
+    distances = nearest_distance(latents, bank, exclude=owner[None, :] == ids[:, None])
+    return max(float(torch.quantile(distances.flatten(), 0.99)), 1e-6)

@@ -1,0 +1,157 @@
+"""The map's novelty term: normal latents, nearest distances, their unit, fit and scoring."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from decodiff_cli import novelty
+from decodiff_cli.anomaly_map import anomaly_maps
+from decodiff_cli.bundle import NORMAL_LATENTS, BundleError, load_normal_latents, read_bundle
+from decodiff_cli.config import MapConfig
+from decodiff_cli.detector import Detector
+from decodiff_cli.novelty import nearest_distance, neighbourhood, normal_bank, novelty_scale
+from decodiff_cli.presets import build_config
+
+from conftest import CATEGORY, tiny_config
+
+
+def _texture(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 4, 8, 8) latents of one stationary texture."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g) * 0.3 + torch.tensor([1.0, -1.0, 0.5, 0.0]).view(1, 4, 1, 1)
+
+
+def test_neighbourhood_averages_each_place_with_its_3x3_neighbours():
+    z = torch.zeros(1, 1, 5, 5)
+    z[0, 0, 2, 2] = 9.0
+    pooled = neighbourhood(z)
+    assert pooled.shape == z.shape
+    assert torch.allclose(pooled[0, 0, 1:4, 1:4], torch.ones(3, 3)) and pooled.sum() == 9.0
+    assert torch.allclose(neighbourhood(torch.full((1, 2, 4, 4), 3.0)), torch.full((1, 2, 4, 4), 3.0))
+
+
+def test_bank_takes_an_equal_seeded_share_of_each_image():
+    latents = _texture(6)
+    bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(6), size=60)
+    assert bank.shape == (60, 4) and owner.shape == (60,)
+    assert torch.bincount(owner, minlength=6).tolist() == [10] * 6  # ceil(60 / 6) each
+    vectors = neighbourhood(latents).permute(0, 2, 3, 1)
+    for vector, image in zip(bank, owner):  # every vector is one of its image's
+        assert (vectors[image].reshape(-1, 4) == vector).all(dim=1).any()
+    again, _ = normal_bank(lambda rows: latents[rows], torch.arange(6), size=60)
+    assert torch.equal(bank, again)
+    everything, _ = normal_bank(lambda rows: latents[rows], torch.arange(6), size=10_000)
+    assert len(everything) == 6 * 64  # fewer vectors than the cap: all of them
+
+
+def test_nearest_distance_is_zero_for_a_normal_image_and_grows_with_a_defect(monkeypatch):
+    monkeypatch.setattr(novelty, "DISTANCES_PER_CHUNK", 7 * 256)  # chunking must not change the answer
+    latents = _texture(4)
+    bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(4), size=10_000)
+    assert torch.allclose(nearest_distance(latents[:1], bank), torch.zeros(1, 1, 8, 8), atol=1e-3)
+    defective = latents[:1].clone()
+    defective[0, :, 3:5, 3:5] += 4.0
+    distance = nearest_distance(defective, bank)[0, 0]
+    assert distance[3:5, 3:5].min() > 1.0 and distance[0, 0] < 1e-3
+    brute = torch.cdist(novelty._vectors(neighbourhood(defective)), bank).amin(dim=1).view(8, 8)
+    assert torch.allclose(distance, brute, atol=1e-5)
+    # An image may not match its own vectors when they are excluded.
+    excluded = nearest_distance(latents[:1], bank, exclude=(owner == 0)[None])
+    assert excluded.min() > 0.01
+
+
+def test_scale_is_the_99th_percentile_against_the_other_images():
+    latents = _texture(5)
+    bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(5), size=10_000)
+    rows = torch.tensor([0, 2, 4])
+    scale = novelty_scale(latents[rows], rows, bank, owner)
+    expected = torch.quantile(nearest_distance(latents[rows], bank, exclude=owner[None] == rows[:, None]).flatten(), 0.99)
+    assert scale == pytest.approx(float(expected)) and scale > 0.05
+
+
+def test_the_novelty_term_is_half_of_the_map():
+    z0 = torch.randn(2, 4, 8, 8)
+    cfg = MapConfig(combine="latent", latent_clip=1.0)
+    plain = anomaly_maps(z0, z0 * 0.9, None, None, cfg, (32, 32))
+    distances = torch.zeros(2, 1, 8, 8)
+    distances[0, 0, 2:4, 2:4] = 10.0  # beyond the clip: saturates
+    with_novelty = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, novelty=True, latent_sigma=0.0),
+                                (32, 32), novelty=distances)
+    plain_sharp = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, latent_sigma=0.0), (32, 32))
+    assert torch.allclose(with_novelty[1], plain_sharp[1] / 2, atol=1e-6)  # no novelty: the map halves
+    assert with_novelty[0, 12, 12] == pytest.approx(float(plain_sharp[0, 12, 12] + 1) / 2, abs=1e-5)
+    assert plain.shape == with_novelty.shape
+    with pytest.raises(ValueError, match="novelty term needs"):
+        anomaly_maps(z0, z0, None, None, dataclasses.replace(cfg, novelty=True), (32, 32))
+
+
+@pytest.fixture(scope="module")
+def novelty_bundle(tmp_path_factory, category_dir):
+    from decodiff_cli.fitting import fit
+    from decodiff_cli.inputs import find_training_images
+
+    images, _ = find_training_images([str(category_dir)])
+    cfg = tiny_config(max_steps=3)
+    cfg.anomaly_map = MapConfig(combine="arithmetic", novelty=True)
+    out = tmp_path_factory.mktemp("novelty") / "model"
+    events = []
+    fit(images, out, cfg, on_event=lambda kind, info: events.append(kind))
+    assert "novelty" in events
+    return out
+
+
+def test_fit_stores_the_normal_latents_and_scoring_uses_them(novelty_bundle, test_images):
+    bundle = read_bundle(novelty_bundle)
+    map_cfg = bundle.config.anomaly_map
+    assert map_cfg.novelty and map_cfg.novelty_scales[CATEGORY] > 0
+    banks = load_normal_latents(bundle)
+    assert list(banks) == [CATEGORY] and banks[CATEGORY].shape[1] == bundle.config.denoiser.latent_channels
+    detector = Detector.load(novelty_bundle, device="cpu")
+    with_novelty = list(detector.predict(test_images[:3]))
+    assert all(p.error is None for p in with_novelty)
+    detector.model.cfg = dataclasses.replace(detector.model.cfg, anomaly_map=MapConfig(combine="arithmetic"))
+    plain = list(detector.predict(test_images[:3]))
+    assert any(abs(a.score - b.score) > 1e-6 for a, b in zip(with_novelty, plain))
+
+
+def test_a_bundle_without_its_normal_latents_is_refused(novelty_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(novelty_bundle, copy)
+    (copy / NORMAL_LATENTS).unlink()
+    with pytest.raises(BundleError, match=f"{NORMAL_LATENTS} is missing"):
+        load_normal_latents(read_bundle(copy, verify=False))
+
+
+def test_each_class_is_measured_against_its_own_normal_latents(novelty_bundle):
+    model = Detector.load(novelty_bundle, device="cpu").model
+    near = torch.zeros(4, model.cfg.denoiser.latent_channels)
+    model.cfg = dataclasses.replace(model.cfg, categories=["a", "b"])
+    model.cfg.anomaly_map = dataclasses.replace(model.cfg.anomaly_map, novelty_scales={"a": 1.0, "b": 2.0})
+    model.normal_latents = {"a": near, "b": near + 3.0}
+    z0 = torch.zeros(2, model.cfg.denoiser.latent_channels, 4, 4)
+    distances = model._novelty(z0, torch.tensor([0, 1]))
+    assert torch.allclose(distances[0], torch.zeros(1, 4, 4))
+    expected = 3.0 * model.cfg.denoiser.latent_channels ** 0.5 / 2.0  # distance to b's vectors, in b's unit
+    assert torch.allclose(distances[1], torch.full((1, 4, 4), expected))
+    model.normal_latents = {"a": near}
+    with pytest.raises(ValueError, match="no normal latents for b"):
+        model._novelty(z0, torch.tensor([0, 1]))
+
+
+def test_novelty_is_a_cpu_default_and_a_fit_option():
+    assert build_config("cpu", {}).anomaly_map.novelty
+    assert not build_config("paper", {}).anomaly_map.novelty
+    assert not build_config("cpu", {"map_novelty": False}).anomaly_map.novelty
+    assert not build_config("cpu", {"map_combine": "latent"}).anomaly_map.novelty  # a one-term map, as asked
+    assert build_config("cpu", {"map_combine": "latent", "map_novelty": True}).anomaly_map.novelty
+
+
+def test_info_mentions_the_novelty_term(invoke, novelty_bundle):
+    result = invoke("info", novelty_bundle)
+    assert result.exit_code == 0, result.output
+    assert "novelty term" in " ".join(result.stdout.split())
