@@ -47,7 +47,8 @@ def main() -> None:
         _, cfg.anomaly_map.feature_scales = normal_statistics(model, cache, labels, cfg.categories)
     else:
         cfg.anomaly_map.novelty = True
-        banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, cfg.categories, model.scaler)
+        banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, cfg.categories, model.scaler,
+                                                                     cfg.anomaly_map.novelty_bank)
     autoencoder = load_state(old / AUTOENCODER) if (old / AUTOENCODER).is_file() else {}
     write_bundle(new, cfg, load_state(old / DENOISER), autoencoder, bundle.calibration, old / TRAINING_LOG,
                  reference=model.reference, normal_latents=banks)

@@ -95,7 +95,7 @@ def novelty_bundle(tmp_path_factory, category_dir):
 
     images, _ = find_training_images([str(category_dir)])
     cfg = tiny_config(max_steps=3)
-    cfg.anomaly_map = MapConfig(combine="arithmetic", novelty=True)
+    cfg.anomaly_map = MapConfig(combine="arithmetic", novelty=True, novelty_bank=100)
     out = tmp_path_factory.mktemp("novelty") / "model"
     events = []
     fit(images, out, cfg, on_event=lambda kind, info: events.append(kind))
@@ -108,7 +108,7 @@ def test_fit_stores_the_normal_latents_and_scoring_uses_them(novelty_bundle, tes
     map_cfg = bundle.config.anomaly_map
     assert map_cfg.novelty and map_cfg.novelty_scales[CATEGORY] > 0
     banks = load_normal_latents(bundle)
-    assert list(banks) == [CATEGORY] and banks[CATEGORY].shape[1] == bundle.config.denoiser.latent_channels
+    assert list(banks) == [CATEGORY] and banks[CATEGORY].shape == (100, bundle.config.denoiser.latent_channels)
     detector = Detector.load(novelty_bundle, device="cpu")
     with_novelty = list(detector.predict(test_images[:3]))
     assert all(p.error is None for p in with_novelty)
@@ -149,6 +149,7 @@ def test_novelty_is_a_cpu_default_and_a_fit_option():
     assert not build_config("cpu", {"map_novelty": False}).anomaly_map.novelty
     assert not build_config("cpu", {"map_combine": "latent"}).anomaly_map.novelty  # a one-term map, as asked
     assert build_config("cpu", {"map_combine": "latent", "map_novelty": True}).anomaly_map.novelty
+    assert build_config("cpu", {"novelty_bank": 1000}).anomaly_map.novelty_bank == 1000
 
 
 def test_info_mentions_the_novelty_term(invoke, novelty_bundle):

@@ -43,6 +43,7 @@ def fit(
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
     map_features: Optional[bool] = typer.Option(None, "--map-features/--no-map-features", help="Add the decoder-feature discrepancy to the map (needs a decoder: not the pixel backend)."),
     map_novelty: Optional[bool] = typer.Option(None, "--map-novelty/--no-map-novelty", help="Average the map with each place's latent distance to the nearest normal latent (cpu default; stores the normal latents in the bundle)."),
+    novelty_bank: Optional[int] = typer.Option(None, "--novelty-bank", min=1, help="Normal latent vectors kept per class for the novelty term (default 65536; more: better coverage, linearly slower scoring)."),
     shifted_view: Optional[bool] = typer.Option(None, "--shifted-view/--no-shifted-view", help="Unaligned classes: also score a copy shifted by half a latent pixel and average the maps (twice the scoring cost for them)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU), bf16, or auto (bf16 where the CPU or GPU computes it natively)."),
@@ -201,7 +202,7 @@ def _describe_map(m) -> str:
     if m.features:
         text += f"; decoder-feature term, clip {m.feature_clip}"
     if m.novelty:
-        text += f"; averaged with the novelty term, clip {m.novelty_clip}"
+        text += f"; averaged with the novelty term ({m.novelty_bank} normal vectors per class, clip {m.novelty_clip})"
     if m.shifted_view:
         text += "; shifted view for unaligned classes"
     if m.alignment:

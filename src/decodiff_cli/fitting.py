@@ -129,14 +129,16 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
     return (torch.stack(references) if use_reference else None), scales
 
 
-def normal_latents(cache, labels: list[int], categories: list[str], scaler: LatentScaler) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The novelty term's normal statistics, per class: its bank of normal latent vectors,
-    drawn from all its training images (first view), and the unit of its distances,
+def normal_latents(cache, labels: list[int], categories: list[str], scaler: LatentScaler,
+                   size: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The novelty term's normal statistics, per class: its bank of up to ``size`` normal
+    latent vectors, drawn from all its training images (first view), and the unit of its distances,
     measured on up to REFERENCE_IMAGES of them (novelty.novelty_scale)."""
     banks, scales = {}, {}
     label_tensor = torch.tensor(labels)
     for index, name in enumerate(categories):
-        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), (label_tensor == index).nonzero()[:, 0])
+        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), (label_tensor == index).nonzero()[:, 0],
+                                  size)
         rows = _spread_rows(labels, index)
         banks[name] = bank
         scales[name] = round(novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner), 6)
@@ -283,7 +285,8 @@ def fit(
         banks = None
         if cfg.anomaly_map.novelty:
             emit("novelty", {"images": len(labels)})
-            banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, LatentScaler(cfg.latent_scaling))
+            banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, LatentScaler(cfg.latent_scaling),
+                                                                         cfg.anomaly_map.novelty_bank)
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device, normal_latents=banks)
         if cfg.anomaly_map.reference != "none" or cfg.anomaly_map.features:
             emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)

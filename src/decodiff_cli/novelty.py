@@ -16,9 +16,6 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-BANK_SIZE = 65536  # normal latent vectors kept per class (a random sample when there are more):
-# on magnetic tiles (500 images, 512k vectors) 16k, 64k and 128k gave image AUROC .73, .77, .79
-# (benchmarks/RESULTS.md); 64k costs ~0.2 s per image on one CPU thread, 4 MiB per class (fp16).
 DISTANCES_PER_CHUNK = 2**24  # query x bank distances computed at once: 64 MiB of floats
 
 
@@ -31,7 +28,7 @@ def _vectors(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
-def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int = BANK_SIZE,
+def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int,
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal images ``images`` (N,) ids, read in groups through ``latents_of(ids) ->
     (n, C, h, w)`` (a cache may be larger than RAM) -> (bank (M, C), owner (M,)): at most

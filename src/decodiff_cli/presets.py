@@ -71,6 +71,7 @@ OPTION_FIELDS = {
     "map_features": ("anomaly_map", "features"),
     "shifted_view": ("anomaly_map", "shifted_view"),
     "map_novelty": ("anomaly_map", "novelty"),
+    "novelty_bank": ("anomaly_map", "novelty_bank"),
     "mixed_precision": ("train", "mixed_precision"),
     "hflip": ("train", "hflip"),
     "vflip": ("train", "vflip"),
