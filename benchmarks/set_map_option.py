@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from decodiff_cli.bundle import AUTOENCODER, DENOISER, TRAINING_LOG, load_networks, load_normal_latents, load_state, read_bundle,
-                                  write_bundle
+from decodiff_cli.bundle import (AUTOENCODER, DENOISER, TRAINING_LOG, load_networks, load_normal_latents, load_state,
+                                 read_bundle, write_bundle)
 
 
 def main() -> None:
