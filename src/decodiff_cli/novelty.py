@@ -52,7 +52,7 @@ def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torc
 def nearest_distance(z: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C, h, w) latents -> (N, 1, h, w): the distance of each neighbourhood vector to the
     nearest bank vector. ``exclude`` (N, M) bool: bank vectors image n may not match."""
-    n, _, h, w = z.shape
+    h, w = z.shape[-2:]
     bank = bank.to(z.device, torch.float32)
     out = []
     for i, image in enumerate(neighbourhood(z)):
