@@ -137,8 +137,8 @@ def normal_latents(cache, labels: list[int], categories: list[str], scaler: Late
     banks, scales = {}, {}
     label_tensor = torch.tensor(labels)
     for index, name in enumerate(categories):
-        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), (label_tensor == index).nonzero()[:, 0],
-                                  size)
+        images = (label_tensor == index).nonzero()[:, 0]
+        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), images, size)
         rows = _spread_rows(labels, index)
         banks[name] = bank
         scales[name] = round(novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner), 6)
@@ -285,8 +285,8 @@ def fit(
         banks = None
         if cfg.anomaly_map.novelty:
             emit("novelty", {"images": len(labels)})
-            banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, LatentScaler(cfg.latent_scaling),
-                                                                         cfg.anomaly_map.novelty_bank)
+            scaler = LatentScaler(cfg.latent_scaling)
+            banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank)
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device, normal_latents=banks)
         if cfg.anomaly_map.reference != "none" or cfg.anomaly_map.features:
             emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)

@@ -131,6 +131,8 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
             raise ValueError(f"--map-features adds a term to an arithmetic or geometric map, not to --map {cfg.anomaly_map.combine}")
         cfg.anomaly_map.features = False
         cfg.anomaly_map.novelty = bool(options.get("map_novelty"))  # only when asked for explicitly
+    if cfg.anomaly_map.novelty_bank < 1:
+        raise ValueError(f"--novelty-bank must be at least 1, not {cfg.anomaly_map.novelty_bank}")
     if cfg.anomaly_map.reference not in FIT_REFERENCES:
         raise ValueError(f"--map-reference must be one of {', '.join(FIT_REFERENCES)}, not {cfg.anomaly_map.reference!r}")
     sizes, probs = cfg.train.patch_sizes, cfg.train.patch_probs
