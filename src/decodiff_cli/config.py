@@ -103,7 +103,7 @@ class MapConfig:
     novelty_clip: float = 2.0  # in units of the normal 99th percentile
     # Normal latent vectors kept per class (an equal random share of each training image):
     # on magnetic tiles (500 images, 512k vectors) 16k, 64k and 128k gave image AUROC .72,
-    # .77, .79 (benchmarks/RESULTS.md); 64k costs ~0.2 s per image on one CPU thread and
+    # .77, .79 (benchmarks/RESULTS.md); 64k costs ~0.23 s per image on one CPU thread and
     # 4 MiB per class (fp16, 32 latent channels); the cost grows linearly.
     novelty_bank: int = 65536
     novelty_scales: dict[str, float] = field(default_factory=dict)  # per class
