@@ -58,6 +58,25 @@ def test_identical_inputs_give_an_all_zero_map(how):
     assert bool((image_scores(maps) == 0).all())
 
 
+def test_the_image_score_is_the_maximum_or_the_mean_of_the_top_fraction():
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, :5] = 1.0  # a line of five hot pixels
+    maps[1, 3, 3] = 1.0  # one hot pixel
+    assert image_scores(maps).tolist() == [1.0, 1.0]
+    assert image_scores(maps, 0.05).tolist() == pytest.approx([1.0, 0.2])  # the top 5 pixels
+    assert image_scores(maps, 0.001).tolist() == [1.0, 1.0]  # at least one pixel
+
+
+def test_the_image_score_fraction_is_a_cpu_default_and_checked():
+    from decodiff_cli.presets import build_config
+
+    assert build_config("cpu", {}).anomaly_map.score_top_fraction == 0.01
+    assert build_config("paper", {}).anomaly_map.score_top_fraction == 0.0
+    assert build_config("cpu", {"score_top": 0.0}).anomaly_map.score_top_fraction == 0.0
+    with pytest.raises(ValueError, match="--score-top must be at least 0 and below 1"):
+        build_config("cpu", {"score_top": 1.0})
+
+
 def test_latent_only_needs_no_decoded_images():
     assert needs_decoder(MapConfig(combine="geometric"))
     assert needs_decoder(MapConfig(combine="pixel"))

@@ -33,11 +33,10 @@ def test_neighbourhood_averages_each_place_with_its_3x3_neighbours():
     assert torch.allclose(neighbourhood(torch.full((1, 2, 4, 4), 3.0)), torch.full((1, 2, 4, 4), 3.0))
 
 
-def test_bank_takes_an_equal_seeded_share_of_each_image():
+def test_bank_is_seeded_and_drawn_from_the_images():
     latents = _texture(6)
     bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(6), size=60)
-    assert bank.shape == (60, 4) and owner.shape == (60,)
-    assert torch.bincount(owner, minlength=6).tolist() == [10] * 6  # ceil(60 / 6) each
+    assert bank.shape == (60, 4) and owner.shape == (60,) and set(owner.tolist()) == set(range(6))
     vectors = neighbourhood(latents).permute(0, 2, 3, 1)
     for vector, image in zip(bank, owner):  # every vector is one of its image's
         assert (vectors[image].reshape(-1, 4) == vector).all(dim=1).any()
@@ -45,6 +44,19 @@ def test_bank_takes_an_equal_seeded_share_of_each_image():
     assert torch.equal(bank, again)
     everything, _ = normal_bank(lambda rows: latents[rows], torch.arange(6), size=10_000)
     assert len(everything) == 6 * 64  # fewer vectors than the cap: all of them
+
+
+def test_covering_keeps_the_rare_vectors_a_random_sample_misses():
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(2000, 4, generator=g) * 0.1
+    rare = torch.eye(4) * 5.0  # four normal but rare patterns, far from the rest and each other
+    pool = torch.cat([common, rare])
+    chosen = novelty.covering(pool, 40, torch.Generator().manual_seed(0))
+    assert len(chosen) == 40 and len(chosen.unique()) == 40
+    assert set(range(2000, 2004)) <= set(chosen.tolist())
+    random_half = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:20]
+    assert torch.equal(chosen[:20], random_half)  # half of the bank is still a random sample
+    assert torch.equal(novelty.covering(pool[:30], 40, g), torch.arange(30))
 
 
 def test_nearest_distance_is_zero_for_a_normal_image_and_grows_with_a_defect(monkeypatch):
@@ -152,6 +164,21 @@ def test_novelty_is_a_cpu_default_and_a_fit_option():
     assert build_config("cpu", {"novelty_bank": 1000}).anomaly_map.novelty_bank == 1000
     with pytest.raises(ValueError, match="--novelty-bank must be at least 1"):
         build_config("cpu", {"novelty_bank": 0})  # a config file is not checked by the CLI's min=1
+    assert build_config("cpu", {"novelty_weight": 0.25}).anomaly_map.novelty_weight == 0.25
+    for weight in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="--novelty-weight must be between 0 and 1"):
+            build_config("cpu", {"novelty_weight": weight})
+
+
+def test_the_novelty_weight_sets_the_terms_shares():
+    z0 = torch.randn(1, 4, 8, 8)
+    cfg = MapConfig(combine="latent", latent_clip=1.0, latent_sigma=0.0, novelty=True)
+    distances = torch.full((1, 1, 8, 8), 10.0)  # beyond the clip everywhere: the term is 1
+    correction = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, novelty=False), (32, 32))
+    for weight in (0.0, 2 / 3, 1.0):
+        mixed = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, novelty_weight=weight), (32, 32),
+                             novelty=distances)
+        assert torch.allclose(mixed, (1 - weight) * correction + weight, atol=1e-6)
 
 
 def test_info_mentions_the_novelty_term(invoke, novelty_bundle):

@@ -182,7 +182,8 @@ def anomaly_maps(
     if cfg.novelty:
         if novelty is None:
             raise ValueError("the map's novelty term needs the nearest-normal distances and the normal latents from fit time")
-        maps = (maps + novelty_discrepancy(novelty, cfg.novelty_clip, cfg.latent_sigma, size)) / 2
+        term = novelty_discrepancy(novelty, cfg.novelty_clip, cfg.latent_sigma, size)
+        maps = (1 - cfg.novelty_weight) * maps + cfg.novelty_weight * term
     return maps[:, 0].clamp(0, 1)
 
 
@@ -190,6 +191,8 @@ def needs_decoder(cfg: MapConfig) -> bool:
     return cfg.combine != "latent" or cfg.features
 
 
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """Image score = the map's maximum (paper)."""
-    return maps.flatten(1).amax(dim=1)
+def image_scores(maps: torch.Tensor, top_fraction: float = 0.0) -> torch.Tensor:
+    """(N, H, W) maps -> (N,) image scores: the mean of each map's highest ``top_fraction``
+    of pixels (at least one); 0: the map's maximum (the paper's score)."""
+    flat = maps.flatten(1)
+    return flat.topk(max(1, int(top_fraction * flat.shape[1])), dim=1).values.mean(dim=1)

@@ -44,6 +44,8 @@ def fit(
     map_features: Optional[bool] = typer.Option(None, "--map-features/--no-map-features", help="Add the decoder-feature discrepancy to the map (needs a decoder: not the pixel backend)."),
     map_novelty: Optional[bool] = typer.Option(None, "--map-novelty/--no-map-novelty", help="Average the map with each place's latent distance to the nearest normal latent (cpu default; stores the normal latents in the bundle)."),
     novelty_bank: Optional[int] = typer.Option(None, "--novelty-bank", min=1, help="Normal latent vectors kept per class for the novelty term (default 65536; more: better coverage, linearly slower scoring)."),
+    novelty_weight: Optional[float] = typer.Option(None, "--novelty-weight", min=0.0, max=1.0, help="The novelty term's share of the map (cpu default 0.67; the correction map has the rest)."),
+    score_top: Optional[float] = typer.Option(None, "--score-top", min=0.0, max=0.99, help="Image score: mean of the map's highest fraction of pixels (cpu default 0.01); 0: the map's maximum (paper)."),
     shifted_view: Optional[bool] = typer.Option(None, "--shifted-view/--no-shifted-view", help="Unaligned classes: also score a copy shifted by half a latent pixel and average the maps (twice the scoring cost for them)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, fp16 (GPU), bf16, or auto (bf16 where the CPU or GPU computes it natively)."),
@@ -202,9 +204,11 @@ def _describe_map(m) -> str:
     if m.features:
         text += f"; decoder-feature term, clip {m.feature_clip}"
     if m.novelty:
-        text += f"; averaged with the novelty term ({m.novelty_bank} normal vectors per class, clip {m.novelty_clip})"
+        text += (f"; novelty term at weight {m.novelty_weight:.2f} ({m.novelty_bank} normal vectors per class, "
+                 f"clip {m.novelty_clip})")
     if m.shifted_view:
         text += "; shifted view for unaligned classes"
+    text += f"; image score: mean of the top {m.score_top_fraction:.1%}" if m.score_top_fraction else "; image score: maximum"
     if m.alignment:
         text += "; alignment " + ", ".join(f"{name} {value:.2f}" for name, value in m.alignment.items())
     return text

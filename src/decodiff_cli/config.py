@@ -101,12 +101,17 @@ class MapConfig:
     # stored in the bundle (normal_latents.safetensors).
     novelty: bool = False
     novelty_clip: float = 2.0  # in units of the normal 99th percentile
-    # Normal latent vectors kept per class (an equal random share of each training image):
-    # on magnetic tiles (500 images, 512k vectors) 16k, 64k and 128k gave image AUROC .72,
-    # .77, .79 (benchmarks/RESULTS.md); 64k costs ~0.23 s per image on one CPU thread and
-    # 4 MiB per class (fp16, 32 latent channels); the cost grows linearly.
+    # The novelty term's share of the final map (the correction map has the rest).
+    novelty_weight: float = 0.5
+    # Normal latent vectors kept per class, chosen to cover the training images
+    # (novelty.covering): 64k costs ~0.23 s per image on one CPU thread and 4 MiB per class
+    # (fp16, 32 latent channels); the cost grows linearly.
     novelty_bank: int = 65536
     novelty_scales: dict[str, float] = field(default_factory=dict)  # per class
+    # Beyond the paper: the image score is the mean of the map over its highest
+    # ``score_top_fraction`` of pixels; 0 is the map's maximum (the paper's). A mean over
+    # an area is steadier than one pixel, and sees defects that are large but faint.
+    score_top_fraction: float = 0.0
 
 
 @dataclass

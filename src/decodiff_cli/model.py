@@ -198,7 +198,7 @@ class DecoDiffModel:
             again, _ = self._maps(shift_images(images[rows.to(images.device)], d), ids, num_calls, False, None, timings)
             rows = rows.to(maps.device)
             maps[rows] = (maps[rows] + shift_images(again[:, None], -d)[:, 0]) / 2
-        scores = image_scores(maps)
+        scores = image_scores(maps, self.cfg.anomaly_map.score_top_fraction)
         return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if keep_corrected else None, timings=timings)
 
     def _shifted_view_rows(self, class_ids: torch.Tensor | None, n: int) -> torch.Tensor:

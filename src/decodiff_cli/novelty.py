@@ -17,6 +17,8 @@ import torch
 from torch.nn import functional as F
 
 DISTANCES_PER_CHUNK = 2**24  # query x bank distances computed at once: 64 MiB of floats
+POOL_PER_BANK_VECTOR = 8  # candidates drawn per bank vector before the covering selection
+COVER_ROUNDS = 4
 
 
 def neighbourhood(z: torch.Tensor) -> torch.Tensor:
@@ -32,9 +34,16 @@ def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torc
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal images ``images`` (N,) ids, read in groups through ``latents_of(ids) ->
     (n, C, h, w)`` (a cache may be larger than RAM) -> (bank (M, C), owner (M,)): at most
-    ``size`` of their neighbourhood vectors, an equal seeded random share from each image,
-    and the id of the image each came from."""
+    ``size`` of their neighbourhood vectors that cover them (``covering``), and the id of
+    the image each came from."""
     generator = torch.Generator().manual_seed(seed)
+    pool, owner = _random_share(latents_of, images, POOL_PER_BANK_VECTOR * size, generator)
+    chosen = covering(pool, size, generator)
+    return pool[chosen].contiguous(), owner[chosen]
+
+
+def _random_share(latents_of, images: torch.Tensor, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most about ``size`` neighbourhood vectors, an equal random share of each image."""
     vectors, owner = [], []
     for ids in images.split(64):
         z = neighbourhood(latents_of(ids))
@@ -44,9 +53,39 @@ def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torc
             keep = torch.randperm(places, generator=generator)[:share]
             vectors.append(_vectors(image[None])[keep])
             owner.append(torch.full((share,), int(image_id)))
-    vectors, owner = torch.cat(vectors), torch.cat(owner)
-    keep = torch.randperm(len(vectors), generator=generator)[:size]
-    return vectors[keep].contiguous(), owner[keep]
+    return torch.cat(vectors), torch.cat(owner)
+
+
+def covering(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """The indices of at most ``size`` (M, C) ``pool`` vectors: half drawn at random, the
+    other half added in COVER_ROUNDS rounds, each taking the vectors farthest from all
+    chosen so far. A batched form of the greedy k-centre coreset (PatchCore): a random
+    sample is dense where normal images are alike and misses their rare parts, which
+    then look novel on normal test images (magnetic tiles: image AUROC .78 -> .86 with
+    the novelty term alone, benchmarks/RESULTS.md)."""
+    if len(pool) <= size:
+        return torch.arange(len(pool))
+    chosen = torch.randperm(len(pool), generator=generator)[: size // 2]
+    farthest = _nearest(pool, pool[chosen])
+    for round_ in range(COVER_ROUNDS):
+        farthest[chosen] = -1.0
+        added = farthest.topk((size - len(chosen)) // (COVER_ROUNDS - round_)).indices
+        chosen = torch.cat([chosen, added])
+        if round_ + 1 < COVER_ROUNDS:
+            farthest = torch.minimum(farthest, _nearest(pool, pool[added]))
+    return chosen
+
+
+def _nearest(queries: torch.Tensor, bank: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """(Q, C) queries -> (Q,) the distance of each to the nearest (M, C) bank vector, not
+    counting those where ``excluded`` (M,) bool is set; DISTANCES_PER_CHUNK at a time."""
+    rows = []
+    for chunk in queries.split(max(1, DISTANCES_PER_CHUNK // len(bank))):
+        d = torch.cdist(chunk, bank)
+        if excluded is not None:
+            d[:, excluded] = float("inf")
+        rows.append(d.amin(dim=1))
+    return torch.cat(rows)
 
 
 def nearest_distance(z: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,17 +93,10 @@ def nearest_distance(z: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor 
     nearest bank vector. ``exclude`` (N, M) bool: bank vectors image n may not match."""
     h, w = z.shape[-2:]
     bank = bank.to(z.device, torch.float32)
-    out = []
-    for i, image in enumerate(neighbourhood(z)):
-        queries = _vectors(image[None])
-        rows = []
-        for chunk in queries.split(max(1, DISTANCES_PER_CHUNK // len(bank))):
-            d = torch.cdist(chunk, bank)
-            if exclude is not None:
-                d[:, exclude[i].to(d.device)] = float("inf")
-            rows.append(d.amin(dim=1))
-        out.append(torch.cat(rows).view(1, 1, h, w))
-    return torch.cat(out)
+    return torch.stack([
+        _nearest(_vectors(image[None]), bank, None if exclude is None else exclude[i].to(z.device)).view(1, h, w)
+        for i, image in enumerate(neighbourhood(z))
+    ])
 
 
 def novelty_scale(latents: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, owner: torch.Tensor) -> float:
