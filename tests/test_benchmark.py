@@ -107,6 +107,17 @@ def test_stored_maps_and_callable_agree(dataset, tmp_path):
     assert 0.5 < direct.mean["pixel_auroc"] < 1.0
 
 
+def test_a_predictor_may_give_its_own_image_scores(dataset):
+    def with_scores(paths, category):
+        for amap, path in zip(perfect_predict(paths, category), paths):
+            yield amap, float(path.parent.name == "good")  # the worst possible score: normal high
+    result = evaluate(dataset, predict=with_scores)
+    maps_only = evaluate(dataset, predict=perfect_predict)
+    for name, values in result.categories.items():
+        assert values["image_auroc"] == pytest.approx(0.0)
+        assert values["pixel_auroc"] == maps_only.categories[name]["pixel_auroc"] == pytest.approx(1.0)
+
+
 def test_perfect_predictor_scores_one(dataset):
     result = evaluate(dataset, predict=perfect_predict)
     for values in result.categories.values():

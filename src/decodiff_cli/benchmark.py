@@ -10,9 +10,10 @@ resizes the whole image to 256x256.
 
 Maps come from a folder in MVTec's evaluation layout, ``DIR/<category>/test/<defect>/
 <stem>.tiff`` (or ``.npy``), or from a ``predict(paths, category)`` callable yielding
-one map per path in protocol space. A map file of exactly 256x256 is taken to be in
-protocol space already; any other size is taken to cover the whole image and gets the
-image's transform (bilinear). The image score is the map's maximum.
+one map per path in protocol space, or a (map, image score) pair per path. A map file of
+exactly 256x256 is taken to be in protocol space already; any other size is taken to
+cover the whole image and gets the image's transform (bilinear). Without a score of its
+own, an image's score is its map's maximum.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .metrics import METRIC_KEYS, Curve, compute_metrics
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PROTOCOLS = {"paper": (288, 256), "full": (256, 256)}  # name -> (resize side, crop side)
 NORMAL = "good"  # the normal "defect" folder; VisA's normal/anomaly become good/bad
-Predict = Callable[[list[Path], str], Iterable[np.ndarray]]
+Predict = Callable[[list[Path], str], Iterable[np.ndarray | tuple[np.ndarray, float]]]
 Progress = Callable[[str, int, int], None]  # (category, maps done, maps in category)
 
 
@@ -278,6 +279,7 @@ def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
         # Ground truth first: a bad mask should fail before any model time is spent.
         masks = np.stack([_protocol_mask(s, protocol) for s in cat.samples])
         maps = np.empty(masks.shape, dtype=np.float32)
+        scores = np.full(len(maps), np.nan)  # NaN: the map's maximum
         stream = (predict([s.image for s in cat.samples], cat.name) if predict else
                   (_stored_map(maps_dir, cat.name, s, protocol) for s in cat.samples))
         count, total = 0, len(cat.samples)
@@ -285,6 +287,8 @@ def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
             if count > total:
                 raise ValueError(f"the model gave more than {total} anomaly maps for the "
                                  f"{total} test images of {cat.name}")
+            if isinstance(a, tuple):
+                a, scores[count - 1] = a
             a = np.asarray(a, dtype=np.float32).squeeze()
             if a.shape != (crop, crop):
                 raise ValueError(f"anomaly map for {cat.samples[count - 1].image} has shape "
@@ -296,8 +300,8 @@ def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
             raise ValueError(f"the model gave {count} anomaly maps for the "
                              f"{total} test images of {cat.name}")
         labels = np.array([s.label for s in cat.samples])
-        m = compute_metrics(maps.reshape(len(maps), -1).max(axis=1), labels, maps, masks,
-                            curve_points=curve_points)
+        scores = np.where(np.isnan(scores), maps.reshape(len(maps), -1).max(axis=1), scores)
+        m = compute_metrics(scores, labels, maps, masks, curve_points=curve_points)
         result.categories[cat.name] = m.values
         result.curves[cat.name] = m.curves
         result.notes += [f"{cat.name}: {note}" for note in m.notes]

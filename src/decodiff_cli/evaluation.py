@@ -15,7 +15,8 @@ from decodiff_cli.images import load_image, map_to_original
 
 
 class BundlePredictor:
-    """predict(paths, category) -> maps in the protocol's 256x256 space.
+    """predict(paths, category) -> (map in the protocol's 256x256 space, the bundle's own
+    image score, as `decodiff score` gives it) per path.
 
     When the bundle's own geometry is the protocol's (e.g. resize 288, crop 256 for
     `paper`), its maps are used as they are; otherwise they go back to the original
@@ -59,11 +60,10 @@ class BundlePredictor:
                 for key, value in out.timings.items():
                     self.stage_seconds[key] = self.stage_seconds.get(key, 0.0) + value
             self.warm = True
-            for image, amap in zip(images, out.maps.numpy()):
-                if self.same_geometry:
-                    yield amap
-                else:
-                    yield to_protocol(map_to_original(amap, image.original_size, pre), self.protocol)
+            for image, amap, score in zip(images, out.maps.numpy(), out.scores.tolist()):
+                if not self.same_geometry:
+                    amap = to_protocol(map_to_original(amap, image.original_size, pre), self.protocol)
+                yield amap, score
 
     def speed(self) -> dict:
         model = self.detector.model
