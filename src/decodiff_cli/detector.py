@@ -30,7 +30,7 @@ from decodiff_cli.model import DecoDiffModel, Inference
 class Prediction:
     path: str | None
     category: str | None = None
-    score: float = float("nan")  # raw image score: the map's maximum
+    score: float = float("nan")  # raw image score (MapConfig.score_top_fraction)
     threshold: float = float("nan")  # calibrated (or overridden) image threshold
     pixel_threshold: float = float("nan")
     anomaly_map: np.ndarray | None = None  # float32 (H, W) in [0, 1], original resolution
