@@ -28,7 +28,7 @@ from decodiff_cli.images import load_image, map_to_original
 from decodiff_cli.metrics import compute_metrics, image_metrics
 
 KEYS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
-WEIGHTS = (0.5, 2 / 3, 0.8)
+WEIGHTS = (0.5, 2 / 3, 0.8, 1.0)  # 1: the novelty term alone
 SCALE_IMAGES = 64  # as fitting.REFERENCE_IMAGES
 
 

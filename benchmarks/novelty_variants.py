@@ -6,7 +6,9 @@ term_units.py caches beside them, CACHE.feat.pt); encodes every training image w
 bundle's autoencoder once (cached as CACHE.train_z0.pt). The correction map is the
 bundle's arithmetic map of those tensors (latent term with the bundle's reference, pixel
 term, feature term). The bank and the unit come from novelty.normal_bank and
-novelty.novelty_scale, as at fit time, over all training images.
+novelty.novelty_scale, as at fit time, over all training images (the covering bank since
+commit 5a731ea; RESULTS.md's table of this script was measured before it, with an equal
+random share).
 
     python benchmarks/novelty_variants.py BUNDLE CATEGORY_DIR PROTOCOL CACHE.pt 16384,65536
 """
