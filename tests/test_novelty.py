@@ -161,6 +161,8 @@ def test_novelty_is_a_cpu_default_and_a_fit_option():
     assert not build_config("cpu", {"map_novelty": False}).anomaly_map.novelty
     assert not build_config("cpu", {"map_combine": "latent"}).anomaly_map.novelty  # a one-term map, as asked
     assert build_config("cpu", {"map_combine": "latent", "map_novelty": True}).anomaly_map.novelty
+    assert not build_config("cpu", {"autoencoder": "pixel"}).anomaly_map.novelty  # raw pixels: no feature space
+    assert build_config("cpu", {"autoencoder": "pixel", "map_novelty": True}).anomaly_map.novelty
     assert build_config("cpu", {"novelty_bank": 1000}).anomaly_map.novelty_bank == 1000
     with pytest.raises(ValueError, match="--novelty-bank must be at least 1"):
         build_config("cpu", {"novelty_bank": 0})  # a config file is not checked by the CLI's min=1
