@@ -57,6 +57,8 @@ def test_covering_keeps_the_rare_vectors_a_random_sample_misses():
     random_half = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:20]
     assert torch.equal(chosen[:20], random_half)  # half of the bank is still a random sample
     assert torch.equal(novelty.covering(pool[:30], 40, g), torch.arange(30))
+    for size in (1, 2, 3, 5):  # tiny banks (--novelty-bank 1) too
+        assert len(novelty.covering(pool, size, g).unique()) == size
 
 
 def test_nearest_distance_is_zero_for_a_normal_image_and_grows_with_a_defect(monkeypatch):

@@ -65,11 +65,14 @@ def covering(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch
     .763 -> .813 with the map half and half, benchmarks/novelty_mix.py)."""
     if len(pool) <= size:
         return torch.arange(len(pool))
-    chosen = torch.randperm(len(pool), generator=generator)[: size // 2]
+    chosen = torch.randperm(len(pool), generator=generator)[: max(1, size // 2)]
     farthest = _nearest(pool, pool[chosen])
     for round_ in range(COVER_ROUNDS):
+        count = (size - len(chosen)) // (COVER_ROUNDS - round_)
+        if count == 0:  # tiny banks
+            continue
         farthest[chosen] = -1.0
-        added = farthest.topk((size - len(chosen)) // (COVER_ROUNDS - round_)).indices
+        added = farthest.topk(count).indices
         chosen = torch.cat([chosen, added])
         if round_ + 1 < COVER_ROUNDS:
             farthest = torch.minimum(farthest, _nearest(pool, pool[added]))
