@@ -24,12 +24,12 @@ from decodiff_cli import novelty
 from decodiff_cli.anomaly_map import image_scores, novelty_discrepancy
 from decodiff_cli.benchmark import _protocol_mask, discover, to_protocol
 from decodiff_cli.detector import Detector
+from decodiff_cli.fitting import _spread_rows
 from decodiff_cli.images import load_image, map_to_original
 from decodiff_cli.metrics import compute_metrics, image_metrics
 
 KEYS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
 WEIGHTS = (0.5, 2 / 3, 0.8, 1.0)  # 1: the novelty term alone
-SCALE_IMAGES = 64  # as fitting.REFERENCE_IMAGES
 
 
 def cache_tensors(detector: Detector, category_dir: Path, samples, cache: Path) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ def main() -> None:
     masks = np.stack([_protocol_mask(x, protocol) for x in samples])
     labels = np.array([x.label for x in samples])
     image_ids = torch.arange(len(train))
-    scale_ids = torch.linspace(0, len(train) - 1, min(len(train), SCALE_IMAGES)).round().long().unique()
+    scale_ids = _spread_rows([0] * len(train), 0)  # the images fit measures the unit on
 
     def bank_of(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         if kind == "covering":

@@ -42,7 +42,7 @@ def fit(
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
     map_features: Optional[bool] = typer.Option(None, "--map-features/--no-map-features", help="Add the decoder-feature discrepancy to the map (needs a decoder: not the pixel backend)."),
-    map_novelty: Optional[bool] = typer.Option(None, "--map-novelty/--no-map-novelty", help="Average the map with each place's latent distance to the nearest normal latent (cpu default; stores the normal latents in the bundle)."),
+    map_novelty: Optional[bool] = typer.Option(None, "--map-novelty/--no-map-novelty", help="Mix the map with each place's latent distance to the nearest normal latent (cpu default, not with --autoencoder pixel; stores the normal latents in the bundle)."),
     novelty_bank: Optional[int] = typer.Option(None, "--novelty-bank", min=1, help="Normal latent vectors kept per class for the novelty term (default 65536; more: better coverage, linearly slower scoring)."),
     novelty_weight: Optional[float] = typer.Option(None, "--novelty-weight", min=0.0, max=1.0, help="The novelty term's share of the map (cpu default 0.67; the correction map has the rest)."),
     score_top: Optional[float] = typer.Option(None, "--score-top", min=0.0, max=0.99, help="Image score: mean of the map's highest fraction of pixels (cpu default 0.01); 0: the map's maximum (paper)."),

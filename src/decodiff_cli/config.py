@@ -95,7 +95,7 @@ class MapConfig:
     # correction treats normal texture, not a real defect. Twice the scoring cost for
     # those classes; aligned classes are left alone (their reference does not shift).
     shifted_view: bool = False
-    # Beyond the paper: the final map is the mean of the map above and a novelty term, each
+    # Beyond the paper: the final map mixes the map above with a novelty term, each
     # place's latent distance to the nearest normal latent (novelty.py), in units of its
     # normal 99th percentile (per class, measured at fit time). The normal latents are
     # stored in the bundle (normal_latents.safetensors).
