@@ -219,3 +219,25 @@ def test_reports(dataset, tmp_path):
         # some pixels carry each curve's colour (blue image, red pixel)
         colours = {c for _, c in im.getcolors(1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours
+
+
+def test_per_defect_metrics_show_which_type_is_missed(dataset):
+    widget = dataset / "widget"
+    for sub in ("test", "ground_truth"):  # a second defect type: the scratches renamed
+        for path in sorted((widget / sub / "scratch").iterdir())[:1]:
+            (widget / sub / "dent").mkdir(exist_ok=True)
+            path.rename(widget / sub / "dent" / path.name)
+
+    def misses_dents(paths, category):
+        for amap, path in zip(perfect_predict(paths, category), paths):
+            yield (amap * 0 if path.parent.name == "dent" else amap)
+
+    result = evaluate(dataset, predict=misses_dents, categories=["widget"], per_defect=True)
+    kinds = result.defects["widget"]
+    assert set(kinds) == {"dent", "scratch"}
+    assert kinds["scratch"] == pytest.approx({k: 1.0 for k in METRIC_KEYS})
+    assert kinds["dent"]["pixel_aupro"] < 0.5  # a flat map: only the ties at zero overlap
+    assert kinds["dent"]["image_auroc"] < 1.0 and result.categories["widget"]["pixel_aupro"] < 1.0
+    assert [name for name, _ in result.rows()] == ["widget", "widget/dent", "widget/scratch", "mean"]
+    assert set(json.loads(result.to_json())["defects"]["widget"]) == {"dent", "scratch"}
+    assert "defects" not in json.loads(evaluate(dataset, predict=perfect_predict).to_json())

@@ -318,9 +318,11 @@ def test_benchmark_with_bundle(invoke, bundle, category_dir, tmp_path):
 
 def test_benchmark_with_maps(invoke, synth_root, maps_dir, tmp_path):
     report = tmp_path / "maps.json"
-    result = invoke("benchmark", synth_root, "--maps", maps_dir, "--json", report, "--plots", tmp_path / "plots")
+    result = invoke("benchmark", synth_root, "--maps", maps_dir, "--json", report, "--plots", tmp_path / "plots", "--per-defect")
     assert result.exit_code == 0, result.output
     check_benchmark_json(report)
+    defects = json.loads(report.read_text())["defects"][CATEGORY]
+    assert defects and f"{CATEGORY}/{next(iter(defects))}" in result.output
     assert (tmp_path / "plots" / f"{CATEGORY}_curves.png").is_file()
 
 

@@ -200,6 +200,8 @@ class BenchmarkResult:
     categories: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     curves: dict[str, dict[str, Curve]] = field(default_factory=dict)
+    # category -> defect type -> metrics of that type's images beside the normal ones
+    defects: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     speed: dict[str, float] = field(default_factory=dict)  # filled in by the caller
 
     @property
@@ -215,19 +217,27 @@ class BenchmarkResult:
         def clean(d):  # JSON has no NaN: undefined metrics are null
             return {k: (None if isinstance(v, float) and math.isnan(v) else v)
                     for k, v in d.items()}
-        return {"protocol": self.protocol,
-                "categories": {n: clean(v) for n, v in self.categories.items()},
-                "mean": clean(self.mean), "speed": clean(self.speed), "notes": self.notes}
+        out = {"protocol": self.protocol,
+               "categories": {n: clean(v) for n, v in self.categories.items()},
+               "mean": clean(self.mean), "speed": clean(self.speed), "notes": self.notes}
+        if self.defects:
+            out["defects"] = {n: {d: clean(v) for d, v in kinds.items()} for n, kinds in self.defects.items()}
+        return out
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def rows(self) -> list[tuple[str, list[str]]]:
-        """(name, formatted cells) per category and the mean, in percent like the paper."""
+        """(name, formatted cells) per category (each followed by its defect types, as
+        "category/defect", when measured) and the mean, in percent like the paper."""
         def fmt(d):
             return ["n/a" if math.isnan(d[k]) else f"{100 * d[k]:.1f}" for k in METRIC_KEYS]
 
-        return [(n, fmt(v)) for n, v in self.categories.items()] + [("mean", fmt(self.mean))]
+        rows = []
+        for name, values in self.categories.items():
+            rows.append((name, fmt(values)))
+            rows += [(f"{name}/{kind}", fmt(v)) for kind, v in self.defects.get(name, {}).items()]
+        return rows + [("mean", fmt(self.mean))]
 
     def to_markdown(self) -> str:
         lines = ["| category | " + " | ".join(HEADERS) + " |",
@@ -265,8 +275,10 @@ HEADERS = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
 def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
              protocol: str = "paper", maps_dir: Path | None = None,
              predict: Predict | None = None, progress: Progress | None = None,
-             curve_points: int = 300) -> BenchmarkResult:
-    """Score every test image of every category and compute the seven metrics.
+             curve_points: int = 300, per_defect: bool = False) -> BenchmarkResult:
+    """Score every test image of every category and compute the seven metrics; with
+    ``per_defect``, also for each defect type's images beside the category's normal ones
+    (which types a model misses: they share one number in the category's metrics).
 
     Give exactly one of ``maps_dir`` (stored maps) or ``predict`` (a callable that owns
     the model and its batching). Maps live for one category at a time, in float32.
@@ -305,6 +317,12 @@ def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
         result.categories[cat.name] = m.values
         result.curves[cat.name] = m.curves
         result.notes += [f"{cat.name}: {note}" for note in m.notes]
+        if per_defect:
+            kinds = np.array([s.defect for s in cat.samples])
+            for kind in sorted(set(kinds[labels == 1])):
+                rows = (kinds == kind) | (labels == 0)
+                result.defects.setdefault(cat.name, {})[kind] = compute_metrics(
+                    scores[rows], labels[rows], maps[rows], masks[rows], curve_points=curve_points).values
         del maps, masks  # before the next category's arrays
     for key, value in result.mean.items():
         undefined = [n for n, v in result.categories.items() if math.isnan(v[key])]
