@@ -252,9 +252,12 @@ class BenchmarkResult:
         table.add_column("category")
         for h in HEADERS:
             table.add_column(h, justify="right")
+        table.columns[0].no_wrap = True
         rows = self.rows()
         for i, (name, cells) in enumerate(rows):
-            table.add_row(name, *cells, end_section=i == len(rows) - 2)
+            _, slash, kind = name.partition("/")  # a defect row: its type alone, under its category
+            table.add_row(f"  {kind}" if slash else name, *cells, style="dim" if slash else None,
+                          end_section=i == len(rows) - 2)
         return table
 
     def write_plots(self, directory: Path) -> list[Path]:
