@@ -25,14 +25,14 @@ from torch.nn import functional as F
 
 from decodiff_cli import novelty
 from decodiff_cli.anomaly_map import image_scores, novelty_discrepancy
-from decodiff_cli.benchmark import _protocol_mask, discover, to_protocol
+from decodiff_cli.benchmark import _protocol_mask, to_protocol
 from decodiff_cli.detector import Detector
 from decodiff_cli.fitting import _spread_rows
 from decodiff_cli.images import load_image, map_to_original
 from decodiff_cli.metrics import compute_metrics, pixel_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from novelty_mix import cache_tensors  # noqa: E402
+from novelty_mix import cached_run  # noqa: E402
 
 KEYS = ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
 
@@ -64,13 +64,8 @@ def encode_all(detector: Detector, paths: list[Path], pre) -> torch.Tensor:
 @torch.inference_mode()
 def main() -> None:
     bundle, category_dir, protocol, cache = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    torch.set_num_threads(1)
-    detector = Detector.load(bundle, device="cpu")
-    cfg = detector.bundle.config
-    pre, m = cfg.preprocess, cfg.anomaly_map
-    samples = discover(category_dir)[0].samples
-    tensors = cache_tensors(detector, category_dir, samples, cache)
-    correction_map, z0, train = tensors["maps"].float(), tensors["z0"].float(), tensors["train_z0"].float()
+    detector, samples, correction_map, z0, train = cached_run(bundle, category_dir, cache)
+    pre, m = detector.bundle.config.preprocess, detector.bundle.config.anomaly_map
     size, model_size = m.novelty_bank, correction_map.shape[-2:]
 
     fine_cache = Path(f"{cache}.fine.pt")

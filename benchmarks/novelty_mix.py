@@ -51,17 +51,22 @@ def cache_tensors(detector: Detector, category_dir: Path, samples, cache: Path) 
     return tensors
 
 
+def cached_run(bundle: str, category_dir: Path, cache: Path):
+    """On one CPU thread: the bundle's Detector, the category's test samples, and the
+    cached correction maps, test latents and training latents (float32)."""
+    torch.set_num_threads(1)
+    detector = Detector.load(bundle, device="cpu")
+    samples = discover(category_dir)[0].samples
+    tensors = cache_tensors(detector, category_dir, samples, cache)
+    return detector, samples, tensors["maps"].float(), tensors["z0"].float(), tensors["train_z0"].float()
+
+
 @torch.inference_mode()
 def main() -> None:
     bundle, category_dir, protocol, cache = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     size = int(sys.argv[5]) if len(sys.argv) > 5 else 65536
-    torch.set_num_threads(1)
-    detector = Detector.load(bundle, device="cpu")
-    cfg = detector.bundle.config
-    pre, m = cfg.preprocess, cfg.anomaly_map
-    samples = discover(category_dir)[0].samples
-    tensors = cache_tensors(detector, category_dir, samples, cache)
-    correction_map, z0, train = tensors["maps"].float(), tensors["z0"].float(), tensors["train_z0"].float()
+    detector, samples, correction_map, z0, train = cached_run(bundle, category_dir, cache)
+    pre, m = detector.bundle.config.preprocess, detector.bundle.config.anomaly_map
 
     originals = [load_image(x.image, pre).original_size for x in samples]
     masks = np.stack([_protocol_mask(x, protocol) for x in samples])
