@@ -26,13 +26,12 @@ from torch.nn import functional as F
 from decodiff_cli import novelty
 from decodiff_cli.anomaly_map import image_scores, novelty_discrepancy
 from decodiff_cli.benchmark import _protocol_mask, to_protocol
-from decodiff_cli.detector import Detector
 from decodiff_cli.fitting import _spread_rows
 from decodiff_cli.images import load_image, map_to_original
 from decodiff_cli.metrics import compute_metrics, pixel_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from novelty_mix import cached_run  # noqa: E402
+from novelty_mix import cached_run, encode_all, train_images  # noqa: E402
 
 KEYS = ["image_auroc", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
 
@@ -56,11 +55,6 @@ def distances(test: torch.Tensor, train: torch.Tensor, size: int) -> torch.Tenso
     return novelty.nearest_distance(test, bank) / novelty.novelty_scale(train[rows], rows, bank, owner)
 
 
-def encode_all(detector: Detector, paths: list[Path], pre) -> torch.Tensor:
-    return torch.cat([detector.model.encode(torch.stack([load_image(p, pre).tensor for p in paths[i:i + 8]])).half()
-                      for i in range(0, len(paths), 8)])
-
-
 @torch.inference_mode()
 def main() -> None:
     bundle, category_dir, protocol, cache = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
@@ -71,9 +65,8 @@ def main() -> None:
     fine_cache = Path(f"{cache}.fine.pt")
     if not fine_cache.is_file():
         fine = dataclasses.replace(pre, image_size=2 * pre.image_size, resize=2 * pre.resize)
-        train_paths = sorted(p for p in (category_dir / "train" / "good").iterdir() if p.is_file())
         torch.save({"z0": encode_all(detector, [s.image for s in samples], fine),
-                    "train_z0": encode_all(detector, train_paths, fine)}, fine_cache)
+                    "train_z0": encode_all(detector, train_images(category_dir), fine)}, fine_cache)
     fine_z0, fine_train = (torch.load(fine_cache)[k].float() for k in ("z0", "train_z0"))
 
     originals = [load_image(x.image, pre).original_size for x in samples]

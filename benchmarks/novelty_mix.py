@@ -32,6 +32,16 @@ KEYS = ["image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_f1max", "pi
 WEIGHTS = (0.5, 2 / 3, 0.8, 1.0)  # 1: the novelty term alone
 
 
+def train_images(category_dir: Path) -> list[Path]:
+    return sorted(p for p in (category_dir / "train" / "good").iterdir() if p.is_file())
+
+
+def encode_all(detector: Detector, paths: list[Path], pre) -> torch.Tensor:
+    """The images' latents (fp16), as the bundle's model encodes them under ``pre``."""
+    return torch.cat([detector.model.encode(torch.stack([load_image(p, pre).tensor for p in paths[i:i + 8]])).half()
+                      for i in range(0, len(paths), 8)])
+
+
 def cache_tensors(detector: Detector, category_dir: Path, samples, cache: Path) -> dict[str, torch.Tensor]:
     if cache.is_file():
         return torch.load(cache)
@@ -43,10 +53,7 @@ def cache_tensors(detector: Detector, category_dir: Path, samples, cache: Path) 
         z0 = model.encode(images)
         maps.append(model.infer(images, z0=z0).maps)
         z0s.append(z0.half())
-    train = sorted(p for p in (category_dir / "train" / "good").iterdir() if p.is_file())
-    train_z0 = torch.cat([model.encode(torch.stack([load_image(p, pre).tensor for p in train[i:i + 16]])).half()
-                          for i in range(0, len(train), 16)])
-    tensors = {"maps": torch.cat(maps), "z0": torch.cat(z0s), "train_z0": train_z0}
+    tensors = {"maps": torch.cat(maps), "z0": torch.cat(z0s), "train_z0": encode_all(detector, train_images(category_dir), pre)}
     torch.save(tensors, cache)
     return tensors
 
