@@ -16,7 +16,7 @@ from decodiff_cli.console import EXIT_OK
     epilog="Examples:\n\n"
     "  decodiff benchmark ../shared/data/mvtec_bottle --bundle model --json results.json\n\n"
     "  decodiff benchmark mvtec/ --maps my_method_maps/ --markdown table.md --plots curves/\n\n"
-    "  decodiff benchmark ../shared/data/magnetic_tile --bundle model --per-defect\n\n"
+    "  decodiff benchmark mvtec/ --bundle model --per-defect\n\n"
     "Exit codes: 0 ok; 2 usage error (bad dataset, bundle or maps).",
 )
 @friendly_errors
@@ -27,7 +27,7 @@ def benchmark(
     category: Optional[List[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
     protocol: str = typer.Option("paper", "--protocol", help="paper (resize 288, centre crop 256) or full (whole image at 256)."),
     infer_class: bool = typer.Option(False, "--infer-class", help="Unified models: do not tell the model the category."),
-    per_defect: bool = typer.Option(False, "--per-defect", help="Also measure each defect type, its images beside the normal ones."),
+    per_defect: bool = typer.Option(False, "--per-defect", help="Also measure each defect type (its images beside the normal ones)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Write a Markdown table."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Write ROC / PR / PRO curves as PNG into this folder."),
