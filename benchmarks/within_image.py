@@ -18,24 +18,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
-from decodiff_cli.benchmark import _protocol_mask, _stored_map, discover
-from decodiff_cli.detector import Detector
-from decodiff_cli.evaluation import BundlePredictor
+from _common import protocol_maps
+from decodiff_cli.benchmark import _protocol_mask, discover
 
 
 def main() -> None:
-    source, category_dir, protocol = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    source, category_dir, protocol = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     category = discover(category_dir)[0]
     samples = [s for s in category.samples if s.label == 1]
-    if (source / "config.json").is_file():
-        torch.set_num_threads(1)
-        predict = BundlePredictor(Detector.load(source, device="cpu"), protocol)
-        maps = (a for a, _ in predict([s.image for s in samples], category.name))
-    else:
-        maps = (_stored_map(source, category.name, s, protocol) for s in samples)
+    maps = protocol_maps(source, category, protocol, samples)
     rows: dict[str, list[tuple[float, float]]] = {}
     for s, a in zip(samples, maps):
         a, inside = np.asarray(a, dtype=np.float64).squeeze(), _protocol_mask(s, protocol) > 0
