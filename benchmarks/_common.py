@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from decodiff_cli.benchmark import _stored_map
+from decodiff_cli.detector import Detector
+from decodiff_cli.evaluation import BundlePredictor
+
 
 def choose_threads(option: str) -> str:
     """Set torch's thread count; 'auto' = 1 on a busy CPU, else torch's default. Returns why."""
@@ -28,14 +32,10 @@ def choose_threads(option: str) -> str:
     return "auto: torch's default"
 
 
-def protocol_maps(source, category, protocol: str, samples) -> Iterator[np.ndarray]:
+def protocol_maps(source: str | Path, category, protocol: str, samples) -> Iterator[np.ndarray]:
     """The anomaly maps `decodiff benchmark` would score for ``samples`` of ``category``,
     in the protocol's geometry: a bundle's (a folder with config.json, run on one CPU
     thread) or stored ones in the `--maps` layout."""
-    from decodiff_cli.benchmark import _stored_map
-    from decodiff_cli.detector import Detector
-    from decodiff_cli.evaluation import BundlePredictor
-
     source = Path(source)
     if (source / "config.json").is_file():
         torch.set_num_threads(1)
