@@ -4,7 +4,8 @@ term's clip and blur, a coarser grid (latents average-pooled 2x2 first, alone or
 maximum with the usual grid), and a finer one (the images encoded at twice the bundle's
 resolution, alone or averaged with the usual grid). Each map is weighed 2:1 against the
 bundle's correction map, as the cpu preset does; the image score is the mean of the top
-1%, as `decodiff score` gives it.
+1%, as `decodiff score` gives it. AUPRO per defect type is measured on that type's images
+beside the normal ones, as `decodiff benchmark --per-defect` does.
 
 CACHE.pt is novelty_mix.py's (it is written on the first run of either script); the
 latents at twice the resolution are cached beside it, in CACHE.pt.fine.pt.
@@ -82,8 +83,8 @@ def main() -> None:
         protocol_maps = np.stack([to_protocol(map_to_original(x.numpy(), o, pre), protocol)
                                   for x, o in zip(maps, originals)])
         v = compute_metrics(image_scores(maps, 0.01).numpy(), labels, protocol_maps, masks).values
-        per = [f"{k}:{pixel_metrics(protocol_maps[kinds == k], masks[kinds == k]).values['pixel_aupro']:.3f}"
-               for k in sorted(set(kinds[labels == 1]))]
+        per = [f"{k}:{pixel_metrics(protocol_maps[rows], masks[rows]).values['pixel_aupro']:.3f}"
+               for k in sorted(set(kinds[labels == 1])) for rows in [(kinds == k) | (labels == 0)]]
         print(f"{name:24s}", " ".join(f"{v[k]:.3f}" for k in KEYS), "|", " ".join(per), flush=True)
 
     print(f"{'novelty term':24s}", " ".join(KEYS), "| AUPRO per defect type", flush=True)
