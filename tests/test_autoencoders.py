@@ -67,28 +67,67 @@ def test_rebuild_unknown_kind_is_refused():
 # ------------------------------------------------------------------------ unavailable
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # huggingface_hub deprecation chatter
-def test_hub_default_offline_is_unavailable_and_suggests_pixel(monkeypatch, tmp_path):
+def _unreachable_hub(monkeypatch, tmp_path):
+    """A hub endpoint on a closed local port, and an empty cache."""
     import huggingface_hub.constants as hf_constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # read once, at import time
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # huggingface_hub deprecation chatter
+@pytest.mark.parametrize("spec", ["stabilityai/sd-vae-ft-ema", "madebyollin/taesd", "madebyollin/taef2"])
+def test_unreachable_hub_fails_fast_naming_the_offline_choices(monkeypatch, tmp_path, spec):
+    _unreachable_hub(monkeypatch, tmp_path)
     start = time.monotonic()
     with pytest.raises(AutoencoderUnavailable) as info:
-        load_autoencoder(ModelConfig().autoencoder.spec)
-    assert time.monotonic() - start < 30
+        load_autoencoder(spec)
+    assert time.monotonic() - start < 10
     message = str(info.value)
-    assert "stabilityai/sd-vae-ft-ema" in message
-    assert "pixel" in message
+    assert spec in message and "cannot be reached" in message
+    assert "taef2" in message and "pixel" in message and "local folder" in message
+    assert "shared" not in message  # no path that exists only in decodiff's own repository
     assert isinstance(info.value, ValueError)  # the CLI reports ValueErrors as user errors
+
+
+def test_hub_offline_variable_counts_as_unreachable(monkeypatch):
+    from decodiff_cli.autoencoders import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub.reachable()
+
+
+def test_hub_taef2_is_one_safetensors_file(monkeypatch):
+    """`madebyollin/taef2` fetches `taef2.safetensors` and reads it like the packaged file."""
+    import huggingface_hub
+
+    from decodiff_cli.autoencoders import PACKAGED_TAEF2, hub
+
+    asked = []
+
+    def fake_download(repo, filename, local_files_only=False):
+        asked.append((repo, filename, local_files_only))
+        return str(PACKAGED_TAEF2)
+
+    monkeypatch.setattr(hub, "reachable", lambda timeout=0: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    ae = load_autoencoder("madebyollin/taef2")
+    assert asked == [("madebyollin/taef2", "taef2.safetensors", False)]
+    assert ae.latent_channels == 32 and ae.downsample == 8
+
+
+def test_default_autoencoder_is_the_packaged_taef2():
+    assert ModelConfig().autoencoder.spec == "taef2"
+    ae = load_autoencoder("taef2")
+    assert ae.kind == "taesd_folder" and ae.latent_channels == 32 and ae.downsample == 8
 
 
 @pytest.mark.parametrize("spec", ["./no/such/folder", "/definitely/not/here/vae", "~/no-such-decodiff-vae-folder"])
 def test_missing_local_folder_is_unavailable(spec):
     start = time.monotonic()
-    with pytest.raises(AutoencoderUnavailable, match="no such autoencoder folder"):
+    with pytest.raises(AutoencoderUnavailable, match="no such autoencoder folder or .safetensors file"):
         load_autoencoder(spec)
     assert time.monotonic() - start < 5  # no hub lookup for a path
 

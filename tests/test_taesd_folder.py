@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from decodiff_cli.autoencoders import PACKAGED_TAEF2, load_autoencoder
 from decodiff_cli.autoencoders.base import AutoencoderUnavailable
 from decodiff_cli.autoencoders.taesd_folder import TaesdFolderAutoencoder, is_taesd_folder
 
@@ -149,14 +150,53 @@ def test_folder_without_a_single_pair(tmp_path):
     _expect_error(tmp_path, "found 2", "second_encoder.pth")
 
 
-# ---- real TAEF2 weights (skipped without ../shared)
+# ---- real TAEF2 weights: packaged with decodiff
 
 
 @pytest.fixture(scope="module")
 def taef2() -> TaesdFolderAutoencoder:
+    return load_autoencoder("taef2")  # no path, no network
+
+
+def test_packaged_taef2_equals_the_released_pair(taef2):
     if not TAEF2.is_dir():
         pytest.skip(f"{TAEF2} absent")
-    return TaesdFolderAutoencoder.from_folder(TAEF2)
+    released = TaesdFolderAutoencoder.from_folder(TAEF2)
+    assert taef2.architecture() == released.architecture()
+    mine, theirs = taef2.state_dict(), released.state_dict()
+    assert list(mine) == list(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_packaged_taef2_ships_fp16_with_its_licence():
+    from safetensors.torch import load_file
+
+    sd = load_file(str(PACKAGED_TAEF2))
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    assert {k.split(".")[0] for k in sd} == {"encoder", "decoder"}
+    assert "MIT License" in (PACKAGED_TAEF2.parent / "LICENSE").read_text()
+
+
+def test_one_file_with_diffusers_style_layers_prefix_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    net = _random_net(TINY_PLAIN)
+    sd = {f"{part}.layers.{k}": v for part in ("encoder", "decoder")
+          for k, v in getattr(net, part).state_dict().items()}
+    save_file(sd, str(tmp_path / "tiny.safetensors"))
+    loaded = load_autoencoder(str(tmp_path / "tiny.safetensors"))
+    assert loaded.architecture() == net.architecture()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded.decode(loaded.encode(x)), net.decode(net.encode(x)))
+
+
+def test_one_file_with_foreign_keys_is_unavailable(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"quant_conv.weight": torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(AutoencoderUnavailable, match="encoder"):
+        load_autoencoder(str(tmp_path / "x.safetensors"))
 
 
 def test_taef2_latent_shape(taef2):

@@ -18,8 +18,8 @@ from decodiff_cli.presets import PRESETS, build_config, read_config_file
 
 @app.command(
     epilog="Examples:\n\n"
-    "  decodiff fit ./normal --out model --autoencoder pixel --time-budget 5\n\n"
-    "  decodiff fit mvtec/ --out unified --autoencoder ../shared/weights/taef2 --time-budget 30\n\n"
+    "  decodiff fit ./normal --out model\n\n"
+    "  decodiff fit mvtec/ --out unified --time-budget 30\n\n"
     "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
     "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP,
 )
@@ -30,7 +30,7 @@ def fit(
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
     preset: str = typer.Option("cpu", "--preset", help=f"Starting settings: {', '.join(PRESETS)}."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML (or YAML) file whose keys are these options; command-line values win."),
-    autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="Hub id, diffusers folder, TAESD-family folder (*_encoder.pth/*_decoder.pth), or 'pixel' (no download). Default: stabilityai/sd-vae-ft-ema."),
+    autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="taef2 (packaged, the default; paper preset: stabilityai/sd-vae-ft-ema), pixel (no weights), a hub id, a diffusers folder, a TAESD-family folder (*_encoder.pth/*_decoder.pth) or .safetensors file."),
     model_size: Optional[str] = typer.Option(None, "--model-size", help="Denoiser size: tiny, xs (default), s, m, l, xl."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Side of the square the model sees (default 256)."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Resize to this side first; larger than --image-size means a centre crop (paper: 288)."),

@@ -128,7 +128,7 @@ class LatentScaling:
 class AutoencoderConfig:
     """Which frozen autoencoder, and the architecture needed to rebuild it offline."""
 
-    spec: str = "stabilityai/sd-vae-ft-ema"  # hub id, local folder, or "pixel"
+    spec: str = "taef2"  # "taef2" (packaged), "pixel", a hub id, or a local folder or file
     kind: str = ""  # kl | tiny | taesd_folder | pixel (filled in when loaded)
     architecture: dict[str, Any] = field(default_factory=dict)
     latent_channels: int = 0

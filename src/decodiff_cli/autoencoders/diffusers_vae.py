@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from decodiff_cli.autoencoders.base import Autoencoder, AutoencoderUnavailable
+from decodiff_cli.autoencoders.base import Autoencoder
 
 CLASSES = {"kl": "AutoencoderKL", "tiny": "AutoencoderTiny"}
 
@@ -33,20 +33,20 @@ class DiffusersAutoencoder(Autoencoder):
         self.downsample = 2 ** (blocks - 1)
 
     @classmethod
-    def from_pretrained(cls, kind: str, spec: str) -> "DiffusersAutoencoder":
+    def from_pretrained(cls, kind: str, spec: str, local: bool = False) -> "DiffusersAutoencoder":
+        """A local diffusers folder, or a hub id (from the local cache when the hub is unreachable)."""
         from huggingface_hub.utils import logging as hub_logging
 
+        from decodiff_cli.autoencoders import hub
+
         hub_logging.set_verbosity_error()  # its own retry warnings would precede our one sentence
+        online = local or hub.reachable()
         try:
             with warnings.catch_warnings():  # deprecation chatter between diffusers and the hub client
                 warnings.simplefilter("ignore")
-                vae = _diffusers_class(kind).from_pretrained(spec)
-        except Exception as err:  # hub offline, missing folder, bad files: one sentence
-            raise AutoencoderUnavailable(
-                f"could not load the autoencoder {spec!r} ({type(err).__name__}); without network "
-                "access use --autoencoder pixel (no download), a folder with a *_encoder.pth / "
-                "*_decoder.pth pair such as ../shared/weights/taef2, or a local diffusers folder"
-            ) from None
+                vae = _diffusers_class(kind).from_pretrained(spec, local_files_only=not online)
+        except Exception as err:  # offline and not cached, missing folder, bad files: one sentence
+            raise hub.unavailable(spec, hub.reason(online, err)) from None
         return cls(kind, vae.float())
 
     @classmethod

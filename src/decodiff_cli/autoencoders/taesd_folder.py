@@ -1,8 +1,10 @@
-"""TAESD-family tiny autoencoders (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2) from a weights folder.
+"""TAESD-family tiny autoencoders (TAESD, TAESDXL, TAESD3, TAEF1, TAEF2) from their state dicts.
 
-The folder holds ``<name>_encoder.pth`` / ``<name>_decoder.pth``: plain ``nn.Sequential``
-state dicts in the layout of madebyollin/taesd. Nothing says which variant a pair is, so the
-architecture is read off the keys and shapes, rebuilt, and every key checked against it.
+The weights are plain ``nn.Sequential`` state dicts in the layout of madebyollin/taesd: a
+folder with ``<name>_encoder.pth`` / ``<name>_decoder.pth``, or one safetensors file with
+both halves (``encoder.*`` / ``decoder.*``; the packaged TAEF2). Nothing says which variant
+the weights are, so the architecture is read off the keys and shapes, rebuilt, and every
+key checked against it.
 
 TAESD works on images in [0, 1]; this module's interface is [-1, 1], so ``encode`` and
 ``decode`` convert at the boundary and the latents stay the raw (unscaled) ones.
@@ -117,16 +119,44 @@ class TaesdFolderAutoencoder(Autoencoder):
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> TaesdFolderAutoencoder:
+        """A folder with one ``*_encoder.pth`` and one ``*_decoder.pth`` (madebyollin/taesd's layout)."""
         enc_path, dec_path = _find_pair(Path(folder))
-        enc_sd, dec_sd = _read_state_dict(enc_path), _read_state_dict(dec_path)
+        return cls.from_state_dicts(_read_state_dict(enc_path), _read_state_dict(dec_path), enc_path, dec_path, folder)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TaesdFolderAutoencoder:
+        """One safetensors file holding both halves, keys prefixed ``encoder.`` and ``decoder.``
+        (the packaged TAEF2 and the hub's ``taef2.safetensors``)."""
+        path = Path(path)
+        try:
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        except Exception as err:  # a missing, truncated or foreign file: all mean "unreadable"
+            raise AutoencoderUnavailable(f"{path}: not a readable safetensors file ({type(err).__name__}).") from None
+        halves: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "decoder": {}}
+        for key, value in sd.items():
+            part, _, rest = key.partition(".")
+            if part not in halves:
+                raise AutoencoderUnavailable(f"{path}: unexpected key {key!r}; expected encoder.* and decoder.* keys.")
+            # diffusers' AutoencoderTiny nests the same Sequential under ".layers".
+            halves[part][rest.removeprefix("layers.")] = value
+        if not halves["encoder"] or not halves["decoder"]:
+            raise AutoencoderUnavailable(f"{path}: needs both encoder.* and decoder.* keys.")
+        return cls.from_state_dicts(halves["encoder"], halves["decoder"], path, path, path)
+
+    @classmethod
+    def from_state_dicts(cls, enc_sd: dict[str, torch.Tensor], dec_sd: dict[str, torch.Tensor],
+                         enc_path: Path, dec_path: Path, source: str | Path) -> TaesdFolderAutoencoder:
+        """Read the layout off both state dicts, rebuild the network, check every key and shape."""
         enc, dec = _infer(enc_sd, enc_path, decoder=False), _infer(dec_sd, dec_path, decoder=True)
         for key in ("width", "latent_channels"):
             if enc[key] != dec[key]:
                 raise AutoencoderUnavailable(
-                    f"{folder}: the encoder and decoder disagree on {key} ({enc[key]} vs {dec[key]})."
+                    f"{source}: the encoder and decoder disagree on {key} ({enc[key]} vs {dec[key]})."
                 )
         if len(enc["encoder_blocks"]) != len(dec["decoder_blocks"]):
-            raise AutoencoderUnavailable(f"{folder}: the encoder and decoder have different numbers of stages.")
+            raise AutoencoderUnavailable(f"{source}: the encoder and decoder have different numbers of stages.")
         arch = {
             "image_channels": enc["image_channels"],
             "width": enc["width"],
@@ -141,7 +171,7 @@ class TaesdFolderAutoencoder(Autoencoder):
         try:
             net = cls(arch)
         except (ValueError, RuntimeError) as err:  # e.g. a pool width GroupNorm(4, .) cannot split
-            raise AutoencoderUnavailable(f"{folder}: the layout read from the weights cannot be built ({err}).") from None
+            raise AutoencoderUnavailable(f"{source}: the layout read from the weights cannot be built ({err}).") from None
         for module, sd, path in ((net.encoder, enc_sd, enc_path), (net.decoder, dec_sd, dec_path)):
             _check_keys(module, sd, path)
             module.load_state_dict({k: v.float() for k, v in sd.items()})
