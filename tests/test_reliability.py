@@ -115,6 +115,45 @@ def test_truncated_jpeg(score, good, tmp_path):
     assert_failed_one(*score(good, bad), bad, "truncated or corrupt", good)
 
 
+JPEG_CUT_IN_ITS_HEADER = bytes.fromhex("ffd8ffe000104a46494600")  # Pillow: a bare OSError (issue 17)
+
+
+def assert_warned_once(result, bad: Path, problem: str) -> None:
+    """Exit 3 and one `warning:` line naming ``bad`` and saying ``problem``."""
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.stderr.splitlines() if bad.name in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and problem in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_jpeg_cut_inside_its_header_in_every_command(invoke, score, bundle, good, tmp_path):
+    bad = tmp_path / "cut_header.jpg"
+    bad.write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    assert_failed_one(*score(good, bad), bad, "truncated or corrupt (Truncated File Read)", good)
+    for command, product in (("localize", "good_heatmap.png"), ("export-masks", "good_mask.png")):
+        result = invoke(command, bundle, good, bad, "--out", tmp_path / command)
+        assert_warned_once(result, bad, "truncated or corrupt")
+        assert (tmp_path / command / product).is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_read_that_blocks_is_bounded_in_time(score, good, tmp_path, monkeypatch):
+    fifo = tmp_path / "stuck.png"
+    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: none will
+    monkeypatch.setenv("DECODIFF_READ_TIMEOUT", "0.5")
+    began = time.monotonic()
+    try:
+        result, records = score(good, fifo)
+    finally:
+        try:  # a writer ends the abandoned reader's wait, so its thread ends with the test
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waits (the code under test did not open it)
+            pass
+    assert time.monotonic() - began < 60
+    assert_failed_one(result, records, fifo, "took longer than 0.5 s", good)
+    assert records[b"stuck.png"]["score"] is None
+
+
 def test_text_file_named_png(score, good, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image\n")
