@@ -154,6 +154,52 @@ def test_a_read_that_blocks_is_bounded_in_time(score, good, tmp_path, monkeypatc
     assert records[b"stuck.png"]["score"] is None
 
 
+def test_fit_leaves_out_unreadable_files_and_names_each(invoke, category_dir, tmp_path, monkeypatch):
+    from decodiff_cli import fitting
+
+    data = tmp_path / "normal"
+    shutil.copytree(category_dir / "train" / "good", data)
+    cut = data / "cut_header.jpg"
+    cut.write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    damaged = {}
+
+    def split_then_damage(paths, *args):
+        # After the check, before encoding and calibration: one training file disappears and
+        # one held-out file is cut short (fit reads its files again when it uses them).
+        train, holdout = real_split(paths, *args)
+        damaged["train"], damaged["holdout"] = train[0], holdout[0]
+        train[0].unlink()
+        holdout[0].write_bytes(holdout[0].read_bytes()[:100])
+        return train, holdout
+
+    real_split = fitting.split_holdout
+    monkeypatch.setattr(fitting, "split_holdout", split_then_damage)
+    result = invoke("fit", data, "--out", tmp_path / "model", *TINY_FIT, "--max-steps", "2")
+    for bad, problem in ((cut, "truncated or corrupt"), (damaged["train"], "does not exist"),
+                         (damaged["holdout"], "truncated or corrupt")):
+        assert_warned_once(result, bad, problem)
+    assert "3 unreadable file(s) left out" in result.stderr
+    assert (tmp_path / "model" / "denoiser.safetensors").is_file()
+    monkeypatch.undo()
+    strict = invoke("fit", data, "--out", tmp_path / "strict", *TINY_FIT, "--max-steps", "2", "--strict")
+    assert_usage_error(strict, "cannot read image", "--strict stops at the first unreadable file")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_calibrate_leaves_out_unreadable_files(invoke, bundle_copy, category_dir, good_images, tmp_path):
+    normal, anomalous = tmp_path / "normal", tmp_path / "anomalous"
+    shutil.copytree(category_dir / "test" / "good", normal)
+    anomalous.mkdir()
+    shutil.copy(next((category_dir / "test" / "stain").iterdir()), anomalous / "stain.png")
+    (normal / "cut_header.jpg").write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    (anomalous / "cut_anomaly.png").write_bytes(b"\x89PNG\r\n")
+    result = invoke("calibrate", bundle_copy, normal, "--anomalous", anomalous)
+    assert_warned_once(result, normal / "cut_header.jpg", "truncated or corrupt")
+    assert_warned_once(result, anomalous / "cut_anomaly.png", "cannot read image")
+    entry = json.loads((bundle_copy / "calibration.json").read_text())["categories"][CATEGORY]
+    assert entry["num_normal"] == len(good_images) and entry["rule"].startswith("f1-optimal")
+
+
 def test_text_file_named_png(score, good, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image\n")
