@@ -553,6 +553,30 @@ def test_benchmark_with_only_good_images(invoke, good_images, tmp_path):
     assert "undefined" in result.stderr
 
 
+def test_benchmark_stops_at_an_unreadable_file_naming_it(invoke, bundle, category_dir, tmp_path):
+    """Its metrics need every test image: one error line naming the file, exit 2."""
+    root, maps = tmp_path / "mvtec", tmp_path / "maps"
+    shutil.copytree(category_dir / "test", root / CATEGORY / "test")
+    shutil.copytree(category_dir / "ground_truth", root / CATEGORY / "ground_truth")
+    for image in (root / CATEGORY / "test").rglob("*.png"):
+        target = maps / CATEGORY / "test" / image.parent.name / f"{image.stem}.tiff"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(0).random((64, 64), dtype=np.float32)).save(target)
+    bad = root / CATEGORY / "test" / "good" / "cut_header.jpg"
+    bad.write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    (maps / CATEGORY / "test" / "good" / "cut_header.tiff").write_bytes(b"II*\0")  # a map cut short
+    assert_usage_error(invoke("benchmark", root, "--bundle", bundle), "cut_header.jpg", "Truncated File Read")
+    assert_usage_error(invoke("benchmark", root, "--maps", maps, "--protocol", "native"),
+                       "cannot read image", "cut_header.jpg", "truncated or corrupt")
+    assert_usage_error(invoke("benchmark", root, "--maps", maps), "cannot read anomaly map", "cut_header.tiff")
+    bad.unlink()
+    mask = sorted((root / CATEGORY / "ground_truth").rglob("*.png"))[0]
+    mask.write_bytes(mask.read_bytes()[:60])
+    for protocol in ("paper", "native"):
+        assert_usage_error(invoke("benchmark", root, "--maps", maps, "--protocol", protocol),
+                           "cannot read mask", mask.name, "truncated or corrupt")
+
+
 # ----------------------------------------------------------------------- interrupted fit
 
 

@@ -164,14 +164,28 @@ def read_bytes(path: Path) -> bytes:
     return outcome[0]
 
 
-def _open_file(path: Path) -> Image.Image:
-    """Read, fully decode and orient a file; keep its native mode (I;16, F, P, ...).
+def _open_file(path: Path, orient: bool = True) -> Image.Image:
+    """Read, fully decode and (``orient``) EXIF-orient a file; keep its native mode
+    (I;16, F, P, ...).
 
     Decoding works on the bytes already in memory, so a file that changes afterwards
     cannot mix versions, and any exception Pillow raises becomes an ImageReadError.
     """
-    name = _show(path)
-    data = read_bytes(path)
+    return _decode(read_bytes(path), _show(path), full=True, orient=orient)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(W, H) as stored (before EXIF orientation), from the header: the pixels are not decoded."""
+    path = Path(os.fsdecode(path))
+    return _decode(read_bytes(path), _show(path), full=False).size
+
+
+def decode_file(path: str | os.PathLike, orient: bool = False) -> Image.Image:
+    """A file's image in its native mode (masks, float maps), or an ImageReadError naming it."""
+    return _open_file(Path(os.fsdecode(path)), orient)
+
+
+def _decode(data: bytes, name: str, full: bool, orient: bool = False) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow's warnings about odd metadata would print source lines into a batch's
         # stderr; the file decodes anyway or fails with its own error below.
@@ -181,16 +195,17 @@ def _open_file(path: Path) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
-            # A full decode now: lazily-loaded truncated files would otherwise fail
-            # (or, with LOAD_TRUNCATED_IMAGES, silently go grey) much later.
-            img.load()
+            if full:
+                # A full decode now: lazily-loaded truncated files would otherwise fail
+                # (or, with LOAD_TRUNCATED_IMAGES, silently go grey) much later.
+                img.load()
         except UnidentifiedImageError:
             raise ImageReadError(name, "it is not an image format Pillow can read") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageReadError(name, _too_large(e)) from None
         except Exception as e:  # Pillow raises OSError, SyntaxError, EOFError, ValueError, ...
             raise ImageReadError(name, f"the file is truncated or corrupt ({_detail(e)})") from None
-        return _orient(img)
+        return _orient(img) if orient else img
 
 
 def _orient(img: Image.Image) -> Image.Image:
