@@ -14,6 +14,11 @@ Colour policy, decided once here so every command sees the same pixels:
 - Float images in [0, 1] are scaled by 255, in [0, 255] kept, anything else is
   stretched min..max (there is no other convention to rely on).
 - Animated / multi-page files: the first frame.
+
+Reading: a file's bytes are read in a worker thread within ``DECODIFF_READ_TIMEOUT``
+seconds (60 by default; a FIFO or a hung mount would block forever), then decoded from
+memory. Whatever goes wrong (the OS, Pillow, a file changed while read) is an
+``ImageReadError`` naming the file, so one bad file never stops a batch.
 """
 
 from __future__ import annotations
@@ -158,7 +163,7 @@ def read_bytes(path: Path) -> bytes:
     if not outcome:
         cancelled.set()
         raise ImageReadError(name, f"reading it took longer than {timeout:g} s (a FIFO, a device or a "
-                                   f"hung network mount?; DECODIFF_READ_TIMEOUT sets the limit)")
+                                   f"hung network mount; DECODIFF_READ_TIMEOUT sets the limit)")
     if isinstance(outcome[0], ImageReadError):
         raise outcome[0]
     return outcome[0]
