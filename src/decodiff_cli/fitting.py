@@ -263,6 +263,7 @@ def fit(
     if resume:
         check_resumable(work / "config.json", cfg)
     work.mkdir(parents=True, exist_ok=True)
+
     def encoded(i: int) -> torch.Tensor:
         try:
             return load_image(train_paths[i], cfg.preprocess).tensor
