@@ -326,6 +326,21 @@ def test_benchmark_with_maps(invoke, synth_root, maps_dir, tmp_path):
     assert (tmp_path / "plots" / f"{CATEGORY}_curves.png").is_file()
 
 
+def test_benchmark_native_reads_localize_tiffs_as_the_bundle_scores(invoke, bundle, synth_root, maps_dir, tmp_path):
+    """The TIFFs `localize` writes, at the original resolution, give the bundle's own pixel
+    metrics under --protocol native (no resampling on either side)."""
+    reports = {}
+    for source, value in (("--bundle", bundle), ("--maps", maps_dir)):
+        reports[source] = tmp_path / f"{source[2:]}.json"
+        result = invoke("benchmark", synth_root, source, value, "--protocol", "native", "--json", reports[source])
+        assert result.exit_code == 0, result.output
+        assert "native protocol" in result.stdout and "resized" not in result.stderr
+    bundle_run, maps_run = (json.loads(reports[s].read_text()) for s in ("--bundle", "--maps"))
+    assert bundle_run["protocol"] == maps_run["protocol"] == "native"
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"):
+        assert maps_run["categories"][CATEGORY][key] == pytest.approx(bundle_run["categories"][CATEGORY][key], abs=1e-9)
+
+
 def test_benchmark_needs_exactly_one_source(invoke, synth_root, bundle, maps_dir):
     neither = invoke("benchmark", synth_root)
     both = invoke("benchmark", synth_root, "--bundle", bundle, "--maps", maps_dir)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -180,6 +182,73 @@ def test_permission_denied_simulated(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "open", denied, raising=False)
     with pytest.raises(ImageReadError, match="locked.png.*permission denied"):
         read_image(path)
+
+
+def test_a_file_that_grows_while_being_read(tmp_path, monkeypatch):
+    """A copy still in progress: bytes appended between two reads are never decoded as one file."""
+    import decodiff_cli.images as images
+
+    path = tmp_path / "copying.png"
+    path.write_bytes(_png_bytes(64))
+    real_open = open
+
+    class Growing(io.FileIO):
+        def read(self, size=-1):
+            chunk = super().read(size)
+            if self.tell() == 256:  # after the first chunk, the writer adds its last bytes
+                with real_open(path, "ab") as more:
+                    more.write(b"\0" * 16)
+            return chunk
+
+    monkeypatch.setattr(images, "_READ_CHUNK", 256)
+    monkeypatch.setattr(images, "open", lambda p, mode, buffering=-1: Growing(p, "rb"), raising=False)
+    with pytest.raises(ImageReadError, match="copying.png.*changed while it was being read"):
+        read_image(path)
+
+
+def test_files_rewritten_deleted_and_cut_meanwhile(tmp_path):
+    """Another process keeps replacing, cutting and deleting the file: each read gives an
+    image or an ImageReadError, nothing else."""
+    path = tmp_path / "busy.png"
+    whole = _png_bytes(48)
+    stop = threading.Event()
+
+    def churn():
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            if i % 3 == 2:
+                path.unlink(missing_ok=True)
+            else:
+                with open(path, "wb") as f:
+                    f.write(whole[: len(whole) // (1 + i % 3)])
+
+    writer = threading.Thread(target=churn, daemon=True)
+    writer.start()
+    sizes = set()
+    try:
+        for _ in range(300):
+            try:
+                sizes.add(read_image(path).size)
+            except ImageReadError as err:  # any other exception fails the test
+                assert "busy.png" in str(err)
+    finally:
+        stop.set()
+        writer.join()
+    assert sizes <= {(48, 48)}  # never a mix of two versions that happens to decode
+
+
+def test_read_timeout_setting(monkeypatch):
+    from decodiff_cli.images import READ_TIMEOUT_S, read_timeout
+
+    monkeypatch.delenv("DECODIFF_READ_TIMEOUT", raising=False)
+    assert read_timeout() == READ_TIMEOUT_S
+    monkeypatch.setenv("DECODIFF_READ_TIMEOUT", "2.5")
+    assert read_timeout() == 2.5
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("DECODIFF_READ_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="DECODIFF_READ_TIMEOUT must be a positive number"):
+            read_timeout()
 
 
 @pytest.mark.parametrize("limit", [300, 100])  # 400 pixels: the warning, then the error

@@ -20,13 +20,14 @@ def brute_force(scores, labels, masks=None, limit=0.3):
     scores, labels = np.asarray(scores).ravel(), np.asarray(labels).ravel().astype(bool)
     n_pos, n_neg = labels.sum(), (~labels).sum()
     regions = []  # boolean flat masks, one per 8-connected region of each image
-    if masks is not None:
+    if masks is not None:  # (N, H, W), or a list of images of different sizes
+        ends = np.cumsum([m.size for m in masks])
         for i, m in enumerate(masks):
             lab, k = ndimage.label(m, structure=np.ones((3, 3)))
             for r in range(1, k + 1):
-                full = np.zeros(masks.shape, bool)
-                full[i] = lab == r
-                regions.append(full.ravel())
+                full = np.zeros(ends[-1], bool)
+                full[ends[i] - m.size:ends[i]] = (lab == r).ravel()
+                regions.append(full)
     points = [(0.0, 0.0, 0.0, None)]  # (fpr, tpr, pro, precision) from threshold +inf
     f1 = 0.0
     for t in sorted(set(scores.tolist()), reverse=True):
@@ -87,6 +88,24 @@ def test_pixel_metrics_match_brute_force(seed, chunk, monkeypatch):
     flat_y, flat_s = masks.ravel(), maps.ravel()
     assert got["pixel_auroc"] == pytest.approx(roc_auc_score(flat_y, flat_s), abs=1e-12)
     assert got["pixel_ap"] == pytest.approx(average_precision_score(flat_y, flat_s), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_images_of_different_sizes_pool_their_own_pixels(seed):
+    rng = np.random.default_rng(seed)
+    shapes = [(5, 7), (9, 4), (12, 12), (3, 10)]
+    masks = [rng.random(shape) < 0.2 for shape in shapes]
+    maps = [np.floor(rng.random(m.shape) * 8 + m * 3).astype(np.float32) for m in masks]
+    got = pixel_metrics(maps, masks).values
+    flat_s, flat_y = np.concatenate([m.ravel() for m in maps]), np.concatenate([m.ravel() for m in masks])
+    want = brute_force(flat_s, flat_y, masks)
+    for key in ("auroc", "ap", "f1max", "aupro"):
+        assert got[f"pixel_{key}"] == pytest.approx(want[key], abs=1e-12), key
+    # The same images given as a list or stacked: one result.
+    square = [np.resize(m, (6, 6)) for m in maps], [np.resize(m, (6, 6)) for m in masks]
+    assert pixel_metrics(*square).values == pixel_metrics(np.stack(square[0]), np.stack(square[1])).values
+    with pytest.raises(ValueError, match="anomaly map 1 .* and its mask"):
+        pixel_metrics(maps, [masks[0], masks[0], masks[2], masks[3]])
 
 
 def test_continuous_scores_agree_with_sklearn():

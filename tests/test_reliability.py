@@ -115,6 +115,91 @@ def test_truncated_jpeg(score, good, tmp_path):
     assert_failed_one(*score(good, bad), bad, "truncated or corrupt", good)
 
 
+JPEG_CUT_IN_ITS_HEADER = bytes.fromhex("ffd8ffe000104a46494600")  # Pillow: a bare OSError (issue 17)
+
+
+def assert_warned_once(result, bad: Path, problem: str) -> None:
+    """Exit 3 and one `warning:` line naming ``bad`` and saying ``problem``."""
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.stderr.splitlines() if bad.name in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and problem in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_jpeg_cut_inside_its_header_in_every_command(invoke, score, bundle, good, tmp_path):
+    bad = tmp_path / "cut_header.jpg"
+    bad.write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    assert_failed_one(*score(good, bad), bad, "truncated or corrupt (Truncated File Read)", good)
+    for command, product in (("localize", "good_heatmap.png"), ("export-masks", "good_mask.png")):
+        result = invoke(command, bundle, good, bad, "--out", tmp_path / command)
+        assert_warned_once(result, bad, "truncated or corrupt")
+        assert (tmp_path / command / product).is_file()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_read_that_blocks_is_bounded_in_time(score, good, tmp_path, monkeypatch):
+    fifo = tmp_path / "stuck.png"
+    os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: none will
+    monkeypatch.setenv("DECODIFF_READ_TIMEOUT", "0.5")
+    began = time.monotonic()
+    try:
+        result, records = score(good, fifo)
+    finally:
+        try:  # a writer ends the abandoned reader's wait, so its thread ends with the test
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waits (the code under test did not open it)
+            pass
+    assert time.monotonic() - began < 60
+    assert_failed_one(result, records, fifo, "took longer than 0.5 s", good)
+    assert records[b"stuck.png"]["score"] is None
+
+
+def test_fit_leaves_out_unreadable_files_and_names_each(invoke, category_dir, tmp_path, monkeypatch):
+    from decodiff_cli import fitting
+
+    data = tmp_path / "normal"
+    shutil.copytree(category_dir / "train" / "good", data)
+    cut = data / "cut_header.jpg"
+    cut.write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    damaged = {}
+
+    def split_then_damage(paths, *args):
+        # After the check, before encoding and calibration: one training file disappears and
+        # one held-out file is cut short (fit reads its files again when it uses them).
+        train, holdout = real_split(paths, *args)
+        damaged["train"], damaged["holdout"] = train[0], holdout[0]
+        train[0].unlink()
+        holdout[0].write_bytes(holdout[0].read_bytes()[:100])
+        return train, holdout
+
+    real_split = fitting.split_holdout
+    monkeypatch.setattr(fitting, "split_holdout", split_then_damage)
+    result = invoke("fit", data, "--out", tmp_path / "model", *TINY_FIT, "--max-steps", "2")
+    for bad, problem in ((cut, "truncated or corrupt"), (damaged["train"], "does not exist"),
+                         (damaged["holdout"], "truncated or corrupt")):
+        assert_warned_once(result, bad, problem)
+    assert "3 unreadable file(s) left out" in result.stderr
+    assert (tmp_path / "model" / "denoiser.safetensors").is_file()
+    monkeypatch.undo()
+    strict = invoke("fit", data, "--out", tmp_path / "strict", *TINY_FIT, "--max-steps", "2", "--strict")
+    assert_usage_error(strict, "cannot read image", "--strict stops at the first unreadable file")
+    assert not (tmp_path / "strict").exists()
+
+
+def test_calibrate_leaves_out_unreadable_files(invoke, bundle_copy, category_dir, good_images, tmp_path):
+    normal, anomalous = tmp_path / "normal", tmp_path / "anomalous"
+    shutil.copytree(category_dir / "test" / "good", normal)
+    anomalous.mkdir()
+    shutil.copy(next((category_dir / "test" / "stain").iterdir()), anomalous / "stain.png")
+    (normal / "cut_header.jpg").write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    (anomalous / "cut_anomaly.png").write_bytes(b"\x89PNG\r\n")
+    result = invoke("calibrate", bundle_copy, normal, "--anomalous", anomalous)
+    assert_warned_once(result, normal / "cut_header.jpg", "truncated or corrupt")
+    assert_warned_once(result, anomalous / "cut_anomaly.png", "cannot read image")
+    entry = json.loads((bundle_copy / "calibration.json").read_text())["categories"][CATEGORY]
+    assert entry["num_normal"] == len(good_images) and entry["rule"].startswith("f1-optimal")
+
+
 def test_text_file_named_png(score, good, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image\n")
@@ -466,6 +551,30 @@ def test_benchmark_with_only_good_images(invoke, good_images, tmp_path):
     assert any("undefined: none of the" in note and "anomalous" in note for note in data["notes"])
     assert "n/a" in result.stdout
     assert "undefined" in result.stderr
+
+
+def test_benchmark_stops_at_an_unreadable_file_naming_it(invoke, bundle, category_dir, tmp_path):
+    """Its metrics need every test image: one error line naming the file, exit 2."""
+    root, maps = tmp_path / "mvtec", tmp_path / "maps"
+    shutil.copytree(category_dir / "test", root / CATEGORY / "test")
+    shutil.copytree(category_dir / "ground_truth", root / CATEGORY / "ground_truth")
+    for image in (root / CATEGORY / "test").rglob("*.png"):
+        target = maps / CATEGORY / "test" / image.parent.name / f"{image.stem}.tiff"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(0).random((64, 64), dtype=np.float32)).save(target)
+    bad = root / CATEGORY / "test" / "good" / "cut_header.jpg"
+    bad.write_bytes(JPEG_CUT_IN_ITS_HEADER)
+    (maps / CATEGORY / "test" / "good" / "cut_header.tiff").write_bytes(b"II*\0")  # a map cut short
+    assert_usage_error(invoke("benchmark", root, "--bundle", bundle), "cut_header.jpg", "Truncated File Read")
+    assert_usage_error(invoke("benchmark", root, "--maps", maps, "--protocol", "native"),
+                       "cannot read image", "cut_header.jpg", "truncated or corrupt")
+    assert_usage_error(invoke("benchmark", root, "--maps", maps), "cannot read anomaly map", "cut_header.tiff")
+    bad.unlink()
+    mask = sorted((root / CATEGORY / "ground_truth").rglob("*.png"))[0]
+    mask.write_bytes(mask.read_bytes()[:60])
+    for protocol in ("paper", "native"):
+        assert_usage_error(invoke("benchmark", root, "--maps", maps, "--protocol", protocol),
+                           "cannot read mask", mask.name, "truncated or corrupt")
 
 
 # ----------------------------------------------------------------------- interrupted fit

@@ -6,19 +6,24 @@ such category folder, or a VisA root with ``split_csv/1cls.csv``.
 
 Protocols (METHOD.md section 7): ``paper`` resizes to 288x288 and centre-crops 256x256,
 as the paper's tables do (border defects outside the crop are not scored); ``full``
-resizes the whole image to 256x256.
+resizes the whole image to 256x256; ``native`` keeps every image at its ground truth's
+own resolution, as MVTec's official evaluation does (a normal image's ground truth is
+all zeros at the image's size; a map of another size is resized to it, bilinearly, and
+the report says how many were). Images of different sizes pool their pixels as they are.
 
 Maps come from a folder in MVTec's evaluation layout, ``DIR/<category>/test/<defect>/
 <stem>.tiff`` (or ``.npy``), or from a ``predict(paths, category)`` callable yielding
 one map per path in protocol space, or a (map, image score) pair per path. A map file of
-exactly 256x256 is taken to be in protocol space already; any other size is taken to
-cover the whole image and gets the image's transform (bilinear). Without a score of its
-own, an image's score is its map's maximum.
+exactly 256x256 is taken to be in protocol space already (``paper``, ``full``); any
+other size is taken to cover the whole image and gets the image's transform (bilinear).
+Without a score of its own, an image's score is its map's maximum. A file that cannot be
+read stops the evaluation with a sentence naming it: the metrics need every test image.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -28,10 +33,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .images import ImageReadError, decode_file, image_size, read_bytes
 from .metrics import METRIC_KEYS, Curve, compute_metrics
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PROTOCOLS = {"paper": (288, 256), "full": (256, 256)}  # name -> (resize side, crop side)
+NATIVE = "native"  # every image at its ground truth's own resolution
+PROTOCOL_NAMES = (*PROTOCOLS, NATIVE)
 NORMAL = "good"  # the normal "defect" folder; VisA's normal/anomaly become good/bad
 Predict = Callable[[list[Path], str], Iterable[np.ndarray | tuple[np.ndarray, float]]]
 Progress = Callable[[str, int, int], None]  # (category, maps done, maps in category)
@@ -118,6 +126,14 @@ def _discover_visa(root: Path, split: Path) -> dict[str, Category]:
 
 
 # --------------------------------------------------------------------------- loading
+def _read(kind: str, path: Path, read):
+    """read(path); a failure becomes one sentence naming the file and what it is."""
+    try:
+        return read(path)
+    except ImageReadError as err:
+        raise ValueError(f"cannot read {kind} {err.name}: {err.problem}.") from None
+
+
 def load_mask(path: Path) -> np.ndarray:
     """A ground-truth mask as bool at its own resolution: > half of its value range.
 
@@ -125,7 +141,8 @@ def load_mask(path: Path) -> np.ndarray:
     that masks coded 0/1 use 1, so they are not read as empty. Palette and colour masks
     use the brightest channel of each pixel's colour, not the palette index.
     """
-    with Image.open(path) as im:
+    im = _read("mask", path, decode_file)
+    try:
         if im.mode == "1":
             return np.array(im, dtype=bool)
         if im.mode in ("P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV", "LAB"):
@@ -133,6 +150,8 @@ def load_mask(path: Path) -> np.ndarray:
         if im.mode == "LA":
             im = im.getchannel("L")
         a = np.asarray(im)
+    except Exception as e:  # a decoded but malformed file
+        raise ValueError(f"cannot read mask {path}: {e}") from None
     if a.ndim == 3:
         a = a.max(axis=2)
     full = 1.0 if a.dtype.kind == "f" else 255.0 if a.dtype == np.uint8 else 65535.0
@@ -144,13 +163,20 @@ def load_mask(path: Path) -> np.ndarray:
 def load_map(path: Path) -> np.ndarray:
     """A stored anomaly map (float TIFF, Pillow mode 'F', or .npy) as float32 (H, W)."""
     if path.suffix.lower() == ".npy":
-        a = np.squeeze(np.load(path))
+        data = _read("anomaly map", path, read_bytes)
+        try:
+            a = np.squeeze(np.load(io.BytesIO(data), allow_pickle=False)).astype(np.float32)
+        except Exception as e:  # numpy raises ValueError, EOFError, OSError, ... on a bad file
+            raise ValueError(f"cannot read anomaly map {path}: {e or type(e).__name__}") from None
     else:
-        with Image.open(path) as im:
-            a = np.asarray(im if im.mode == "F" else im.convert("F"))
+        im = _read("anomaly map", path, decode_file)
+        try:
+            a = np.asarray(im if im.mode == "F" else im.convert("F"), dtype=np.float32)
+        except Exception as e:
+            raise ValueError(f"cannot read anomaly map {path}: {e or type(e).__name__}") from None
     if a.ndim != 2:
         raise ValueError(f"anomaly map {path} has shape {a.shape}; expected one 2-D map")
-    return a.astype(np.float32)
+    return a
 
 
 def to_protocol(a: np.ndarray, protocol: str) -> np.ndarray:
@@ -162,24 +188,39 @@ def to_protocol(a: np.ndarray, protocol: str) -> np.ndarray:
     return np.asarray(im, dtype=np.float32)[off:off + crop, off:off + crop]
 
 
+def resize_map(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float map resized bilinearly to ``shape`` (H, W)."""
+    im = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32))
+    return np.asarray(im.resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def _sides(protocol: str) -> tuple[int, int]:
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOL_NAMES)}")
     return PROTOCOLS[protocol]
 
 
-def _protocol_mask(sample: Sample, protocol: str) -> np.ndarray:
-    crop = _sides(protocol)[1]
+def native_mask(sample: Sample) -> np.ndarray:
+    """The ground truth at its own resolution: the mask, or zeros of the image's size for a
+    normal image (the header is read, so a broken test image stops the evaluation)."""
+    width, height = _read("image", sample.image, image_size)  # header only: pixels not decoded
     if sample.mask is None:
-        return np.zeros((crop, crop), dtype=bool)
+        return np.zeros((height, width), dtype=bool)
     mask = load_mask(sample.mask)
-    with Image.open(sample.image) as im:
-        width, height = im.size  # header only: the pixels are never decoded here
     if mask.shape != (height, width):
         raise ValueError(f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but its "
                          f"image {sample.image} is {width}x{height}")
+    return mask
+
+
+def _protocol_mask(sample: Sample, protocol: str) -> np.ndarray:
+    if protocol == NATIVE:
+        return native_mask(sample)
+    crop = _sides(protocol)[1]
+    if sample.mask is None:
+        return np.zeros((crop, crop), dtype=bool)
     # Interpolate the 0/1 mask like an image, then binarise at half its range.
-    return to_protocol(mask.astype(np.float32), protocol) > 0.5
+    return to_protocol(native_mask(sample).astype(np.float32), protocol) > 0.5
 
 
 def _stored_map(maps_dir: Path, category: str, sample: Sample, protocol: str) -> np.ndarray:
@@ -189,6 +230,8 @@ def _stored_map(maps_dir: Path, category: str, sample: Sample, protocol: str) ->
     if path is None:
         raise ValueError(f"no anomaly map for {sample.image}: expected {base}.tiff or .npy")
     a = load_map(path)
+    if protocol == NATIVE:
+        return a  # evaluate() compares it with the mask's size
     crop = _sides(protocol)[1]
     return a if a.shape == (crop, crop) else to_protocol(a, protocol)
 
@@ -288,16 +331,19 @@ def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
     """
     if (maps_dir is None) == (predict is None):
         raise ValueError("give exactly one source of anomaly maps: a maps folder or a model")
-    crop = _sides(protocol)[1]
+    native = protocol == NATIVE
+    crop = None if native else _sides(protocol)[1]
     result = BenchmarkResult(protocol)
     for cat in discover(dataset, categories):
         # Ground truth first: a bad mask should fail before any model time is spent.
-        masks = np.stack([_protocol_mask(s, protocol) for s in cat.samples])
-        maps = np.empty(masks.shape, dtype=np.float32)
+        # native: lists, one array per image at its own size; otherwise (N, crop, crop).
+        masks = [native_mask(s) for s in cat.samples] if native else \
+            np.stack([_protocol_mask(s, protocol) for s in cat.samples])
+        maps = [None] * len(masks) if native else np.empty(masks.shape, dtype=np.float32)
         scores = np.full(len(maps), np.nan)  # NaN: the map's maximum
         stream = (predict([s.image for s in cat.samples], cat.name) if predict else
                   (_stored_map(maps_dir, cat.name, s, protocol) for s in cat.samples))
-        count, total = 0, len(cat.samples)
+        count, total, resized = 0, len(cat.samples), 0
         for count, a in enumerate(stream, 1):
             if count > total:
                 raise ValueError(f"the model gave more than {total} anomaly maps for the "
@@ -305,17 +351,23 @@ def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
             if isinstance(a, tuple):
                 a, scores[count - 1] = a
             a = np.asarray(a, dtype=np.float32).squeeze()
-            if a.shape != (crop, crop):
+            want = masks[count - 1].shape if native else (crop, crop)
+            if native and a.ndim == 2 and a.size and a.shape != want:
+                a, resized = resize_map(a, want), resized + 1
+            if a.shape != want:
                 raise ValueError(f"anomaly map for {cat.samples[count - 1].image} has shape "
-                                 f"{a.shape}; the {protocol} protocol needs {crop}x{crop}")
+                                 f"{a.shape}; the {protocol} protocol needs {want[1]}x{want[0]}")
             maps[count - 1] = a
             if progress:
                 progress(cat.name, count, total)
         if count != total:
             raise ValueError(f"the model gave {count} anomaly maps for the "
                              f"{total} test images of {cat.name}")
+        if resized:
+            result.notes.append(f"{cat.name}: {resized} of {total} anomaly maps were not at their ground "
+                                f"truth's resolution and were resized to it (bilinear)")
         labels = np.array([s.label for s in cat.samples])
-        scores = np.where(np.isnan(scores), maps.reshape(len(maps), -1).max(axis=1), scores)
+        scores = np.where(np.isnan(scores), [float(m.max()) for m in maps], scores)
         m = compute_metrics(scores, labels, maps, masks, curve_points=curve_points)
         result.categories[cat.name] = m.values
         result.curves[cat.name] = m.curves
@@ -324,8 +376,9 @@ def evaluate(dataset: Path, *, categories: Sequence[str] | None = None,
             kinds = np.array([s.defect for s in cat.samples])
             for kind in sorted(set(kinds[labels == 1])):
                 rows = (kinds == kind) | (labels == 0)
+                pick = (lambda a: [a[i] for i in np.flatnonzero(rows)]) if native else (lambda a: a[rows])
                 result.defects.setdefault(cat.name, {})[kind] = compute_metrics(
-                    scores[rows], labels[rows], maps[rows], masks[rows], curve_points=curve_points).values
+                    scores[rows], labels[rows], pick(maps), pick(masks), curve_points=curve_points).values
         del maps, masks  # before the next category's arrays
     for key, value in result.mean.items():
         undefined = [n for n, v in result.categories.items() if math.isnan(v[key])]

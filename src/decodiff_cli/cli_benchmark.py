@@ -17,6 +17,7 @@ from decodiff_cli.console import EXIT_OK
     "  decodiff benchmark ../shared/data/mvtec_bottle --bundle model --json results.json\n\n"
     "  decodiff benchmark mvtec/ --maps my_method_maps/ --markdown table.md --plots curves/\n\n"
     "  decodiff benchmark mvtec/ --bundle model --per-defect\n\n"
+    "  decodiff benchmark mvtec/ --maps review/ --protocol native  # the TIFFs `localize` wrote\n\n"
     "Exit codes: 0 ok; 2 usage error (bad dataset, bundle or maps).",
 )
 @friendly_errors
@@ -25,7 +26,7 @@ def benchmark(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Score the test split with this model."),
     maps: Optional[Path] = typer.Option(None, "--maps", help="Read precomputed maps: DIR/<category>/test/<defect>/<id>.tiff or .npy."),
     category: Optional[List[str]] = typer.Option(None, "--category", help="Only these categories (repeatable)."),
-    protocol: str = typer.Option("paper", "--protocol", help="paper (resize 288, centre crop 256) or full (whole image at 256)."),
+    protocol: str = typer.Option("paper", "--protocol", help="paper (resize 288, centre crop 256, the paper's tables), full (whole image at 256) or native (each image at its ground truth's own resolution, as MVTec's official evaluation)."),
     infer_class: bool = typer.Option(False, "--infer-class", help="Unified models: do not tell the model the category."),
     per_defect: bool = typer.Option(False, "--per-defect", help="Also measure each defect type (its images beside the normal ones)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),

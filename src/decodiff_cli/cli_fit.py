@@ -11,7 +11,7 @@ from rich.progress import TextColumn
 
 from decodiff_cli import console
 from decodiff_cli.cli import DEVICE_OPT, app, friendly_errors
-from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_OK
+from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INPUTS_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from decodiff_cli.config import ALIGNED_BELOW
 from decodiff_cli.presets import PRESETS, build_config, read_config_file
 
@@ -78,10 +78,8 @@ def fit(
             if kind == "images":
                 console.info(f"{info['train']} training and {info['holdout']} held-out image(s) in "
                              f"{len(info['categories'])} class(es): {', '.join(info['categories'])}")
-                if info["skipped"]:
-                    console.warn(f"skipped {len(info['skipped'])} unreadable file(s):")
-                    for path, reason in info["skipped"]:
-                        console.info(f"  {console.escape(reason)}")
+            elif kind == "skipped":
+                console.warn(f"skipped: {console.escape(info['reason'])}")
             elif kind == "encode":
                 if "encode" not in state:
                     state["encode"] = bar.add_task("encoding", total=info["total"], loss="-", speed="-")
@@ -123,7 +121,14 @@ def fit(
         raise typer.Exit(EXIT_OK)
     console.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; bundle: {console.escape(str(result.bundle))}")
     _print_thresholds(result.bundle)
-    raise typer.Exit(EXIT_OK)
+    raise typer.Exit(_left_out(len(result.skipped), problems))
+
+
+def _left_out(skipped: int, problems: list) -> int:
+    """Exit 3 when inputs were left out (each already named in a warning), as score does."""
+    if skipped:
+        console.warn(f"{skipped} unreadable file(s) left out (listed above)")
+    return EXIT_INPUTS_FAILED if skipped or problems else EXIT_OK
 
 
 def _anomalous_paths(items: Optional[List[Path]]) -> list[Path]:
@@ -159,10 +164,17 @@ def calibrate(
     images, problems = find_training_images(data)
     for item, problem in problems:
         console.warn(problem)
-    calibration = recalibrate(bundle, images, _anomalous_paths(anomalous), device=device)
+    skipped: list[str] = []
+
+    def skip(path: str, reason: str) -> None:
+        skipped.append(path)
+        console.warn(f"skipped: {console.escape(reason)}")
+
+    calibration = recalibrate(bundle, images, _anomalous_paths(anomalous), device=device, skip=skip)
     rules = {c["rule"] for c in calibration["categories"].values()}
     console.info(f"thresholds set by: {', '.join(sorted(rules))}")
     _print_thresholds(bundle)
+    raise typer.Exit(_left_out(len(skipped), problems))
 
 
 @app.command(epilog="Example:\n\n  decodiff info model")

@@ -9,18 +9,19 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from decodiff_cli.benchmark import PROTOCOLS, to_protocol
+from decodiff_cli.benchmark import NATIVE, PROTOCOLS, to_protocol
 from decodiff_cli.detector import Detector
 from decodiff_cli.images import load_image, map_to_original
 
 
 class BundlePredictor:
-    """predict(paths, category) -> (map in the protocol's 256x256 space, the bundle's own
-    image score, as `decodiff score` gives it) per path.
+    """predict(paths, category) -> (map in the protocol's space, the bundle's own image
+    score, as `decodiff score` gives it) per path.
 
     When the bundle's own geometry is the protocol's (e.g. resize 288, crop 256 for
     `paper`), its maps are used as they are; otherwise they go back to the original
-    image and through the protocol's transform, like any other method's maps.
+    image (`native`: and stay there, as `localize` writes them) and through the
+    protocol's transform, like any other method's maps.
     """
 
     def __init__(self, detector: Detector, protocol: str, steps: int | None = None, infer_class: bool = False) -> None:
@@ -61,7 +62,9 @@ class BundlePredictor:
                     self.stage_seconds[key] = self.stage_seconds.get(key, 0.0) + value
             self.warm = True
             for image, amap, score in zip(images, out.maps.numpy(), out.scores.tolist()):
-                if not self.same_geometry:
+                if self.protocol == NATIVE:
+                    amap = map_to_original(amap, image.original_size, pre)
+                elif not self.same_geometry:
                     amap = to_protocol(map_to_original(amap, image.original_size, pre), self.protocol)
                 yield amap, score
 

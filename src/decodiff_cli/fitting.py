@@ -34,6 +34,16 @@ from decodiff_cli.novelty import normal_bank, novelty_scale
 MIN_IMAGES = 4  # per category: at least 3 to train on and 1 to calibrate with
 
 Event = Callable[[str, dict[str, Any]], None]
+Skip = Callable[[str, str], None]  # (path, reason) of an input left out
+
+
+class _LostImage(Exception):
+    """A training image that read at the check but not when encoded (changed since)."""
+
+    def __init__(self, index: int, error: ImageReadError) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
 
 
 @dataclass
@@ -219,9 +229,17 @@ def fit(
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
     train_paths, labels, holdout, skipped = [], [], {}, []
+
+    def skip(path: str, reason: str) -> None:
+        if strict:
+            raise ValueError(f"{reason} (--strict stops at the first unreadable file)")
+        skipped.append((path, reason))
+        emit("skipped", {"path": path, "reason": reason})
+
     for index, name in enumerate(categories):
         usable, bad = usable_images(images[name], cfg, strict)
-        skipped += bad
+        for path, reason in bad:
+            skip(path, reason)
         if len(usable) < MIN_IMAGES:
             raise ValueError(f"class {name!r} has {len(usable)} usable image(s); at least {MIN_IMAGES} are needed")
         train_part, holdout[name] = split_holdout(usable, cfg.train.holdout_fraction, cfg.train.min_holdout, cfg.train.seed)
@@ -245,12 +263,28 @@ def fit(
     if resume:
         check_resumable(work / "config.json", cfg)
     work.mkdir(parents=True, exist_ok=True)
-    key = cache_key(train_paths, cfg.preprocess, cfg.train, spec)
-    with accelerator.local_main_process_first():
-        cache = build_cache(lambda i: load_image(train_paths[i], cfg.preprocess).tensor, len(train_paths),
-                            autoencoder, cfg.train, accelerator.device,
-                            folder=work / "cache", key=key, time_limit_s=encoding_limit(cfg.train.time_budget_minutes),
-                            progress=lambda done, total: emit("encode", {"done": done, "total": total}))
+
+    def encoded(i: int) -> torch.Tensor:
+        try:
+            return load_image(train_paths[i], cfg.preprocess).tensor
+        except ImageReadError as err:
+            raise _LostImage(i, err) from None
+
+    while True:  # again without any image that changed after the check (each encoding reads the files)
+        key = cache_key(train_paths, cfg.preprocess, cfg.train, spec)
+        try:
+            with accelerator.local_main_process_first():
+                cache = build_cache(encoded, len(train_paths), autoencoder, cfg.train, accelerator.device,
+                                    folder=work / "cache", key=key,
+                                    time_limit_s=encoding_limit(cfg.train.time_budget_minutes),
+                                    progress=lambda done, total: emit("encode", {"done": done, "total": total}))
+            break
+        except _LostImage as lost:
+            skip(str(train_paths[lost.index]), str(lost.error))
+            name = categories[labels.pop(lost.index)]
+            del train_paths[lost.index]
+            if name not in [categories[i] for i in labels]:
+                raise ValueError(f"class {name!r} has no readable training image left") from None
     emit("cache", {"bytes": cache.nbytes, "on_disk": cache.on_disk, "images": cache.num_images,
                    "views": cache.latents.shape[1]})
     if cfg.latent_scaling.kind == "channel" or not cfg.latent_scaling.mean:
@@ -293,7 +327,7 @@ def fit(
                                              if cfg.anomaly_map.features or has_own_reference(cfg.anomaly_map, name))})
             model.reference, cfg.anomaly_map.feature_scales = normal_statistics(model, cache, labels, categories)
         emit("calibrate", {"images": sum(map(len, holdout.values()))})
-        calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories))
+        calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories, skip), skip)
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
                      overwrite=overwrite or resume, reference=model.reference, normal_latents=banks)
         shutil.rmtree(work, ignore_errors=True)
@@ -358,8 +392,16 @@ def mvtec_mask(path: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str]) -> dict[str, list[tuple[torch.Tensor, np.ndarray | None]]]:
-    """Labelled anomalies per category (from the path, or the only category), with masks if found."""
+def _report(skip: Skip | None, path: Path, err: ImageReadError) -> None:
+    if skip is None:
+        raise err
+    skip(str(path), str(err))
+
+
+def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str],
+                   skip: Skip | None = None) -> dict[str, list[tuple[torch.Tensor, np.ndarray | None]]]:
+    """Labelled anomalies per category (from the path, or the only category), with masks if
+    found. One that cannot be read (image or mask) is left out through ``skip``, or raises."""
     from decodiff_cli.images import mask_to_model_space
 
     result: dict[str, list] = {}
@@ -368,27 +410,48 @@ def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str]) -
         if not names and len(categories) > 1:
             raise ValueError(f"{path}: cannot tell which class this anomaly belongs to (no class folder in its path)")
         mask_path = mvtec_mask(path)
-        mask = mask_to_model_space(mask_path, cfg.preprocess) if mask_path else None
-        result.setdefault(names[-1] if names else categories[0], []).append((load_image(path, cfg.preprocess).tensor, mask))
+        try:
+            mask = mask_to_model_space(mask_path, cfg.preprocess) if mask_path else None
+            tensor = load_image(path, cfg.preprocess).tensor
+        except ImageReadError as err:
+            _report(skip, path, err)
+            continue
+        result.setdefault(names[-1] if names else categories[0], []).append((tensor, mask))
     return result
 
 
 def calibrate_model(model, holdout: dict[str, list[Path | torch.Tensor]],
-                    anomalous: dict[str, list[tuple[torch.Tensor, np.ndarray | None]]] | None = None) -> dict[str, Any]:
-    """Thresholds per category from held-out normals (and labelled anomalies, if any)."""
+                    anomalous: dict[str, list[tuple[torch.Tensor, np.ndarray | None]]] | None = None,
+                    skip: Skip | None = None) -> dict[str, Any]:
+    """Thresholds per category from held-out normals (and labelled anomalies, if any). A
+    held-out file that cannot be read (any more) is left out through ``skip``, or raises."""
     categories = model.cfg.categories
     anomalous = anomalous or {}
 
-    def tensor(item: Path | torch.Tensor) -> torch.Tensor:  # paths are read only when needed
-        return item if isinstance(item, torch.Tensor) else load_image(item, model.cfg.preprocess).tensor
+    def readable(items: list[Path | torch.Tensor]) -> list[torch.Tensor]:  # paths are read only when needed
+        out = []
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                out.append(item)
+                continue
+            try:
+                out.append(load_image(item, model.cfg.preprocess).tensor)
+            except ImageReadError as err:
+                _report(skip, item, err)
+        return out
 
     def run(name: str, items: list[Path | torch.Tensor]) -> tuple[np.ndarray, list[np.ndarray]]:
         scores, maps = [], []
         for start in range(0, len(items), 8):
-            chunk = torch.stack([tensor(item) for item in items[start : start + 8]])
+            loaded = readable(items[start : start + 8])
+            if not loaded:
+                continue
+            chunk = torch.stack(loaded)
             out = model.infer(chunk, torch.full((len(chunk),), categories.index(name)))
             scores.append(out.scores.numpy())
             maps += list(out.maps.numpy())
+        if not scores:
+            raise ValueError(f"class {name!r}: none of its normal images for calibration could be read")
         return np.concatenate(scores), maps
 
     per_category = {}
@@ -411,8 +474,10 @@ def calibrate_model(model, holdout: dict[str, list[Path | torch.Tensor]],
     return make_calibration(per_category)
 
 
-def recalibrate(bundle_path: Path, normal: dict[str, list[Path]], anomalous: list[str], device: str = "auto") -> dict[str, Any]:
-    """`decodiff calibrate`: new thresholds for an existing bundle, no retraining."""
+def recalibrate(bundle_path: Path, normal: dict[str, list[Path]], anomalous: list[str], device: str = "auto",
+                skip: Skip | None = None) -> dict[str, Any]:
+    """`decodiff calibrate`: new thresholds for an existing bundle, no retraining. Files
+    that cannot be read are left out and reported through ``skip`` (anomalies raise without it)."""
     from decodiff_cli.bundle import write_calibration
     from decodiff_cli.detector import Detector
 
@@ -424,9 +489,12 @@ def recalibrate(bundle_path: Path, normal: dict[str, list[Path]], anomalous: lis
             if len(cfg.categories) > 1:
                 raise ValueError(f"class {name!r} is not in this model ({', '.join(cfg.categories)})")
             name = cfg.categories[0]
-        usable, _ = usable_images(paths, cfg, strict=False)
+        usable, bad = usable_images(paths, cfg, strict=False)
+        for path, reason in bad if skip else ():
+            skip(path, reason)
         holdout.setdefault(name, []).extend(usable)
-    calibration = calibrate_model(detector.model, holdout, load_anomalous([Path(p) for p in anomalous], cfg, cfg.categories))
+    calibration = calibrate_model(detector.model, holdout,
+                                  load_anomalous([Path(p) for p in anomalous], cfg, cfg.categories, skip), skip)
     previous = detector.bundle.calibration.get("categories", {})
     calibration["categories"] = {**previous, **calibration["categories"]}
     write_calibration(bundle_path, calibration)

@@ -14,12 +14,20 @@ Colour policy, decided once here so every command sees the same pixels:
 - Float images in [0, 1] are scaled by 255, in [0, 255] kept, anything else is
   stretched min..max (there is no other convention to rely on).
 - Animated / multi-page files: the first frame.
+
+Reading: a file's bytes are read in a worker thread within ``DECODIFF_READ_TIMEOUT``
+seconds (60 by default; a FIFO or a hung mount would block forever), then decoded from
+memory. Whatever goes wrong (the OS, Pillow, a file changed while read) is an
+``ImageReadError`` naming the file, so one bad file never stops a batch.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +65,37 @@ def _show(path: os.PathLike | str) -> str:
 
 # ---------------------------------------------------------------- files -> PIL image
 
+READ_TIMEOUT_S = 60.0  # default bound on reading one file; DECODIFF_READ_TIMEOUT overrides
+_READ_CHUNK = 1 << 20
+_BYTES_PER_PIXEL = 8  # 16-bit RGBA, the widest common raw layout: caps what a file may hold
 
-def _open_file(path: Path) -> Image.Image:
-    """Open, fully decode and orient a file; keep its native mode (I;16, F, P, ...)."""
-    name = _show(path)
+
+def read_timeout() -> float:
+    """Seconds one file may take to read (``DECODIFF_READ_TIMEOUT``, else READ_TIMEOUT_S)."""
+    raw = os.environ.get("DECODIFF_READ_TIMEOUT")
+    if raw is None:
+        return READ_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"DECODIFF_READ_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _max_file_bytes() -> int | None:
+    """No image within Pillow's pixel limit needs more bytes than this (None: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else _BYTES_PER_PIXEL * int(limit) + (64 << 20)
+
+
+def _detail(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def _read_file(path: Path, name: str, cancelled: threading.Event) -> bytes:
+    """Every byte of the file, or ImageReadError; runs in read_bytes' worker thread."""
     # os.path's tests answer False on any OSError (pathlib's may raise in Python 3.11).
     if os.path.islink(path) and not os.path.exists(path):
         raise ImageReadError(name, "it is a broken symbolic link")
@@ -69,31 +104,113 @@ def _open_file(path: Path) -> Image.Image:
     if os.path.isdir(path):
         raise ImageReadError(name, "it is a directory, not a file")
     try:
-        fp = open(path, "rb")
+        fp = open(path, "rb", buffering=0)
     except PermissionError:
         raise ImageReadError(name, "permission denied") from None
     except OSError as e:
-        raise ImageReadError(name, f"the file cannot be opened ({e.strerror})") from None
+        raise ImageReadError(name, f"the file cannot be opened ({e.strerror or _detail(e)})") from None
+    limit = _max_file_bytes()
     with fp:
-        if os.fstat(fp.fileno()).st_size == 0:
-            raise ImageReadError(name, "the file is empty")
+        try:
+            before = os.fstat(fp.fileno())
+            regular = stat.S_ISREG(before.st_mode)
+            if regular and limit is not None and before.st_size > limit:
+                raise ImageReadError(name, f"it is too large ({before.st_size} bytes > limit {limit})")
+            chunks, total = [], 0
+            while not cancelled.is_set():
+                # A FIFO or device (/dev/zero) has no size: stop one byte past the limit.
+                chunk = fp.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    raise ImageReadError(name, f"it is too large (over {limit} bytes)")
+            after = os.fstat(fp.fileno())
+        except OSError as e:
+            raise ImageReadError(name, f"the file cannot be read ({e.strerror or _detail(e)})") from None
+    if total == 0:
+        raise ImageReadError(name, "the file is empty")
+    # A file written to while we read it (a copy still in progress) would mix two versions.
+    if regular and (total != after.st_size or (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)):
+        raise ImageReadError(name, "the file changed while it was being read")
+    return b"".join(chunks)
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, read in a worker thread within ``read_timeout()`` seconds.
+
+    Opening a FIFO, or reading from a hung network mount, can block forever: the batch
+    gives up on that file after the timeout (the worker is a daemon thread, left to end
+    on its own) instead of waiting with it. Any failure is an ImageReadError naming it.
+    """
+    name = _show(path)
+    timeout = read_timeout()
+    cancelled = threading.Event()
+    outcome: list = []
+
+    def work() -> None:
+        try:
+            outcome.append(_read_file(path, name, cancelled))
+        except ImageReadError as e:
+            outcome.append(e)
+        except Exception as e:  # anything the OS or Python raises is this file's problem
+            outcome.append(ImageReadError(name, f"the file cannot be read ({_detail(e)})"))
+
+    worker = threading.Thread(target=work, name="decodiff-read", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        cancelled.set()
+        raise ImageReadError(name, f"reading it took longer than {timeout:g} s (a FIFO, a device or a "
+                                   f"hung network mount; DECODIFF_READ_TIMEOUT sets the limit)")
+    if isinstance(outcome[0], ImageReadError):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _open_file(path: Path, orient: bool = True) -> Image.Image:
+    """Read, fully decode and (``orient``) EXIF-orient a file; keep its native mode
+    (I;16, F, P, ...).
+
+    Decoding works on the bytes already in memory, so a file that changes afterwards
+    cannot mix versions, and any exception Pillow raises becomes an ImageReadError.
+    """
+    return _decode(read_bytes(path), _show(path), full=True, orient=orient)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(W, H) as stored (before EXIF orientation), from the header: the pixels are not decoded."""
+    path = Path(os.fsdecode(path))
+    return _decode(read_bytes(path), _show(path), full=False).size
+
+
+def decode_file(path: str | os.PathLike, orient: bool = False) -> Image.Image:
+    """A file's image in its native mode (masks, float maps), or an ImageReadError naming it."""
+    return _open_file(Path(os.fsdecode(path)), orient)
+
+
+def _decode(data: bytes, name: str, full: bool, orient: bool = False) -> Image.Image:
+    with warnings.catch_warnings():
+        # Pillow's warnings about odd metadata would print source lines into a batch's
+        # stderr; the file decodes anyway or fails with its own error below.
+        warnings.simplefilter("ignore")
         # The bomb *warning* (between 1x and 2x Pillow's limit) becomes an error too:
         # a file that large is almost certainly not a photo of a part.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(fp)
-            except UnidentifiedImageError:
-                raise ImageReadError(name, "it is not an image format Pillow can read") from None
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise ImageReadError(name, _too_large(e)) from None
-            try:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            if full:
                 # A full decode now: lazily-loaded truncated files would otherwise fail
                 # (or, with LOAD_TRUNCATED_IMAGES, silently go grey) much later.
                 img.load()
-            except Exception as e:  # Pillow raises OSError, SyntaxError, EOFError, ...
-                raise ImageReadError(name, f"the file is truncated or corrupt ({e})") from None
-    return _orient(img)
+        except UnidentifiedImageError:
+            raise ImageReadError(name, "it is not an image format Pillow can read") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageReadError(name, _too_large(e)) from None
+        except Exception as e:  # Pillow raises OSError, SyntaxError, EOFError, ValueError, ...
+            raise ImageReadError(name, f"the file is truncated or corrupt ({_detail(e)})") from None
+        return _orient(img) if orient else img
 
 
 def _orient(img: Image.Image) -> Image.Image:
@@ -145,6 +262,15 @@ def _composite_on_black(rgba: Image.Image) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    try:
+        return _rgb(img, name)
+    except ImageReadError:
+        raise
+    except Exception as e:  # a decoded but malformed image (odd mode, size or palette)
+        raise ImageReadError(name, f"its {img.mode} pixels cannot be converted to RGB ({_detail(e)})") from None
+
+
+def _rgb(img: Image.Image, name: str) -> Image.Image:
     mode = img.mode
     if mode.startswith("I") or mode == "F":  # I;16*, I, F: wider than 8 bits
         grey = _scale_to_uint8(np.asarray(img), wide=True)
@@ -176,7 +302,12 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 def read_image(source: ImageSource) -> Image.Image:
     """A path, PIL image or numpy array -> an 8-bit RGB PIL image (see module notes)."""
     if isinstance(source, np.ndarray):
-        return _from_array(source)
+        try:
+            return _from_array(source)
+        except ImageReadError:
+            raise
+        except Exception as e:  # e.g. an object array that only looks numeric
+            raise ImageReadError("(numpy array)", _detail(e)) from None
     if isinstance(source, Image.Image):
         return _to_rgb(_orient(source), "(PIL image)")
     if isinstance(source, (str, bytes, os.PathLike)):
