@@ -492,7 +492,9 @@ def test_constant_images_give_finite_scores(invoke, score, bundle, tmp_path):
     out = tmp_path / "maps"
     localized = invoke("localize", bundle, folder, "--out", out)
     assert localized.exit_code == 0, localized.output
-    for tiff in out.glob("*.tiff"):
+    tiffs = sorted(out.rglob("*.tiff"))
+    assert len(tiffs) == 3, tiffs  # one map per image, or the check below checks nothing
+    for tiff in tiffs:
         assert np.isfinite(np.asarray(Image.open(tiff))).all(), tiff
 
 
