@@ -5,7 +5,7 @@
 
 Without ``--bundle`` a bundle with *random* weights is built in memory (and written to a
 temporary folder for the memory subprocesses): the TAEF2 autoencoder from
-``../shared/weights/taef2``, an ``xs`` denoiser, latent scaling ``none``. Random weights
+the packaged TAEF2, an ``xs`` denoiser, latent scaling ``none``. Random weights
 cost exactly what trained ones do, so no training is needed for speed; for the bf16
 figures a trained bundle is the meaningful input.
 
@@ -50,7 +50,7 @@ from _common import choose_threads  # noqa: E402  (benchmarks/ is on sys.path wh
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 BOTTLE = SHARED / "data" / "mvtec_bottle" / "bottle"
-DEFAULT_AE = SHARED / "weights" / "taef2"
+DEFAULT_AE = "taef2"  # packaged with decodiff
 CATEGORY = "bottle"
 
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, help="a trained bundle (default: random weights, built here)")
-    parser.add_argument("--autoencoder", default=str(DEFAULT_AE), help="for the random bundle")
+    parser.add_argument("--autoencoder", default=DEFAULT_AE, help="for the random bundle")
     parser.add_argument("--model-size", default="xs", help="denoiser size of the random bundle")
     parser.add_argument("--images", type=int, default=8, help="test images to time (default 8; --full: 16)")
     parser.add_argument("--batch-sizes", default="8", help="comma-separated (default 8; --full: 8,16)")

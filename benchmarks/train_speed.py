@@ -1,7 +1,7 @@
 """Training throughput: cached latents versus running the encoder on every step.
 
     python benchmarks/train_speed.py [--model-size xs] [--batch-size 8] [--steps 2]
-                                     [--image-size 256] [--autoencoder ../shared/weights/taef2]
+                                     [--image-size 256] [--autoencoder taef2]
 
 Both modes run the training step of ``decodiff_cli.training.train`` on the CPU: latent
 scaling, masked corruption (``deviation.corrupt``), denoiser forward, MSE on the direction
@@ -49,7 +49,7 @@ from _common import choose_threads  # noqa: E402  (benchmarks/ is on sys.path wh
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 BOTTLE_TRAIN = SHARED / "data" / "mvtec_bottle" / "bottle" / "train" / "good"
-DEFAULT_AE = SHARED / "weights" / "taef2"
+DEFAULT_AE = "taef2"  # packaged with decodiff
 
 
 def human(nbytes: float) -> str:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--autoencoder", default=str(DEFAULT_AE), help="autoencoder spec (folder, 'pixel', ...)")
+    parser.add_argument("--autoencoder", default=DEFAULT_AE, help="autoencoder spec (folder, 'pixel', ...)")
     parser.add_argument("--views", type=int, default=TrainConfig().augment_variants,
                         help="cached views per image (decodiff fit's --augment-variants)")
     parser.add_argument("--cache-images", default="209,500,5000,50000",

@@ -1,7 +1,7 @@
 """The trivial "mean latent" baseline: how far is a test latent from the average normal one?
 
     python examples/mean_latent_baseline.py DATASET_CATEGORY_DIR --out maps/ \\
-        [--autoencoder ../shared/weights/taef2] [--protocol paper] [--max-train 64]
+        [--autoencoder taef2] [--protocol paper] [--max-train 64]
     decodiff benchmark DATASET_CATEGORY_DIR --maps maps/ --protocol paper
 
 No training at all: the training images are encoded with a frozen autoencoder, every
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", type=Path, help="an MVTec category folder, or a root of several")
     parser.add_argument("--out", type=Path, required=True, help="maps folder (MVTec evaluation layout)")
-    parser.add_argument("--autoencoder", default="../shared/weights/taef2",
-                        help="autoencoder spec: a TAESD-family folder, a diffusers folder, or 'pixel'")
+    parser.add_argument("--autoencoder", default="taef2",
+                        help="autoencoder spec, as decodiff fit --autoencoder (default: the packaged TAEF2)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
                         help="paper: resize 288 + centre crop 256; full: resize the whole image to 256")
     parser.add_argument("--category", action="append", help="only these categories (repeatable)")

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The README's results table: 30-minute fits with the default settings on the two real sets
+# in ../shared (bottle and magnetic tile, per category and one unified model), then the
+# benchmarks, and the trivial mean-latent baseline. About 1.5 hours on 2 cores: the two
+# per-category fits run side by side, one thread each. Outputs land in ${1:-results/}.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+data="${DECODIFF_SHARED:-$here/../shared}/data"
+out="${1:-results}"
+mkdir -p "$out"
+export OMP_NUM_THREADS=1
+
+decodiff fit "$data/mvtec_bottle/bottle" --out "$out/bottle30" --time-budget 30 --overwrite &
+decodiff fit "$data/magnetic_tile/magnetic_tile" --out "$out/tile30" --time-budget 30 --overwrite &
+wait
+decodiff fit "$data/mvtec_bottle/bottle" "$data/magnetic_tile/magnetic_tile" --out "$out/unified30" \
+  --time-budget 30 --overwrite
+
+set +e  # a benchmark's own exit code is reported, not fatal to the rest
+decodiff benchmark "$data/mvtec_bottle" --bundle "$out/bottle30" --protocol paper --json "$out/bottle30.json"
+decodiff benchmark "$data/magnetic_tile" --bundle "$out/tile30" --protocol full --json "$out/tile30.json"
+decodiff benchmark "$data/mvtec_bottle" --bundle "$out/unified30" --protocol paper --infer-class --json "$out/unified30_bottle.json"
+decodiff benchmark "$data/magnetic_tile" --bundle "$out/unified30" --protocol full --infer-class --json "$out/unified30_tile.json"
+for set in mvtec_bottle:paper magnetic_tile:full; do
+  name="${set%%:*}"; protocol="${set##*:}"
+  python3 "$here/examples/mean_latent_baseline.py" "$data/$name" --out "$out/baseline_$name" --protocol "$protocol" \
+    && decodiff benchmark "$data/$name" --maps "$out/baseline_$name" --protocol "$protocol" --json "$out/baseline_$name.json"
+done
