@@ -239,7 +239,7 @@ def train(
     def update_progress() -> None:
         state["elapsed"] = time.monotonic() - started
         by_steps = state["step"] / length() if length() else 0.0
-        by_time = state["elapsed"] / (budget_s - reserve_s) if budget_s else 0.0
+        by_time = state["elapsed"] / max(budget_s - reserve_s, 1e-6) if budget_s else 0.0
         state["progress"] = max(by_steps, by_time)
 
     def plan() -> None:
@@ -248,8 +248,11 @@ def train(
         if not budget_s or state["planned"]:
             return
         step_times.append((time.monotonic(), state["step"]))
-        timed_enough = state["step"] >= PLAN_AFTER and step_times[-1][0] - this_run[0] >= PLAN_SHARE * budget_s
-        if state["step"] < plan_by and not timed_enough:
+        ready = state["step"] >= plan_by or (state["step"] >= PLAN_AFTER and
+                                              step_times[-1][0] - this_run[0] >= PLAN_SHARE * budget_s)
+        if world > 1:  # the clocks differ: all processes plan at the same step, when one is ready
+            ready = accelerator.reduce(torch.tensor([float(ready)], device=device), reduction="sum")[0] > 0
+        if not ready:
             return
         (t0, s0), (t1, s1) = (step_times[0], step_times[-1]) if len(step_times) > 1 else (this_run, step_times[-1])
         per_step = (t1 - t0) / max(1, s1 - s0)  # from the end of the first step: it pays one-time costs
