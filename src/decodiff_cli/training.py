@@ -175,7 +175,8 @@ def train(
     ``should_stop(step)``, checked at every step boundary, stops the run as SIGINT does:
     a checkpoint is saved and TrainingInterrupted raised (for callers that stop training
     programmatically, e.g. a GUI or a test interrupting at a known step). ``budget_s``
-    overrides the time budget of the config (fit() deducts the time spent encoding).
+    overrides the time budget of the config (fit() deducts the time spent encoding and the
+    estimated cost of what follows training).
     """
     tc = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
