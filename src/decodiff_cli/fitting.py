@@ -69,8 +69,8 @@ def training_budget(minutes: float, spent_s: float, emit: Event, after_s: float 
         return 0.0
     left = max(minutes * 60 - spent_s - after_s, minutes * 6)
     if spent_s + after_s > minutes * 30:
-        emit("warning", {"message": f"reading and encoding took {spent_s / 60:.1f} of the {minutes:g} budgeted minutes "
-                                    f"and the steps after training need about {after_s / 60:.1f}; "
+        emit("warning", {"message": f"the steps before training (reading, encoding, normal latents) took {spent_s / 60:.1f} "
+                                    f"of the {minutes:g} budgeted minutes and those after it need about {after_s / 60:.1f}; "
                                     f"training gets {left / 60:.1f}"})
     return left
 
