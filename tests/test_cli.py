@@ -113,6 +113,39 @@ def test_info_on_session_bundle(invoke, bundle):
     result = invoke("info", bundle)
     assert result.exit_code == 0, result.output
     assert "thresholds [tile]" in result.stdout
+    # the training recipe, and the options that replay it (the fixture: 20 steps, seed 0)
+    text = " ".join(result.stdout.split())
+    assert "20 steps, batch 4" in text and "per step, warm-up 5 steps" in text
+    assert "--max-steps 20 --views 4 --seed 0" in text
+
+
+def test_info_shows_the_paper_recipe():
+    from decodiff_cli.cli_fit import _describe_map, describe_training
+    from decodiff_cli.presets import build_config
+
+    cfg = build_config("paper", {})
+    training, map_text = describe_training(cfg.train), _describe_map(cfg.anomaly_map)
+    for part in ("800 epochs", "batch 128", "lr 0.0001 wd 0.0001", "per epoch, warm-up 10 epochs", "cosine to 0x at 1.5x",
+                 "no EMA", "precision no", "patches [1, 2, 4, 8] p 0.40 0.30 0.20 0.10", "U(0, 0.7) exact count",
+                 "shuffled U(0, 0.3)", "posterior samples"):
+        assert part in training, part
+    for part in ("geometric", "pixel clip 0.4 on the decoder's [-1, 1] scale (blur 3)", "latent clip 0.2 (blur 1)",
+                 "image score: maximum"):
+        assert part in map_text, part
+
+
+def test_config_file_run_options_are_not_ignored(invoke, synth_root, category_dir, tmp_path):
+    """class_conditional (and overwrite, strict, resume) from a config file used to be dropped."""
+    data = tmp_path / "two"
+    for name in ("a", "b"):  # two classes: class-conditional by default
+        shutil.copytree(category_dir / "train" / "good", data / name)
+    config = tmp_path / "fit.toml"
+    config.write_text("class_conditional = false\noverwrite = true\n")
+    out = tmp_path / "model"
+    out.mkdir()  # exists: only the file's overwrite lets the fit replace it
+    result = invoke("fit", data, "--out", out, "--config", config, *TINY_FIT, "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["denoiser"]["num_classes"] == 0
 
 
 # ----------------------------------------------------------------------------- score
@@ -125,6 +158,32 @@ def test_bundle_reloads_with_identical_scores(invoke, bundle, test_images):
     a, b = jsonl(first.stdout), jsonl(second.stdout)
     assert len(a) == len(test_images)
     assert [(r["path"], r["score"]) for r in a] == [(r["path"], r["score"]) for r in b]
+
+
+NEW_KEYS = {"anomaly_map": ["pixel_scale"],
+            "train": ["lr_per_epoch", "warmup_epochs", "cosine_horizon", "lr_floor", "stop_step", "steps_done",
+                      "exact_mask", "posterior_samples"]}
+
+
+def test_a_bundle_written_before_the_paper_fields_scores_identically(invoke, bundle, bundle_copy, test_images):
+    """Bundles without pixel_scale (and the new training fields) load with the map they
+    were scored with: the pixel term in [0, 1] units of the clamped decoder output."""
+    from decodiff_cli import bundle as bundle_mod
+
+    config = json.loads((bundle_copy / "config.json").read_text())
+    for section, keys in NEW_KEYS.items():
+        for key in keys:
+            del config[section][key]
+    (bundle_copy / "config.json").write_text(json.dumps(config))
+    bundle_mod._write_checksums(bundle_copy)
+    old, new = (invoke("score", b, *test_images, "--format", "jsonl") for b in (bundle_copy, bundle))
+    assert old.exit_code == new.exit_code == 0, old.output
+    assert [r["score"] for r in jsonl(old.stdout)] == [r["score"] for r in jsonl(new.stdout)]
+    config["anomaly_map"]["pixel_scale"] = "decoder"  # the paper's scale does score differently
+    (bundle_copy / "config.json").write_text(json.dumps(config))
+    bundle_mod._write_checksums(bundle_copy)
+    paper = invoke("score", bundle_copy, *test_images, "--format", "jsonl")
+    assert [r["score"] for r in jsonl(paper.stdout)] != [r["score"] for r in jsonl(new.stdout)]
 
 
 def test_score_jsonl_records(invoke, bundle, category_dir, test_images):

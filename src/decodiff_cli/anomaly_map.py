@@ -11,7 +11,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from decodiff_cli.config import ALIGNED_BELOW, COMBINATIONS, REFERENCES, MapConfig
+from decodiff_cli.config import ALIGNED_BELOW, COMBINATIONS, PIXEL_SCALES, REFERENCES, MapConfig
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -37,9 +37,15 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
-def pixel_discrepancy(corrected: torch.Tensor, reconstructed: torch.Tensor, clip: float, sigma: float) -> torch.Tensor:
-    """|D(z0_hat) - D(z0)| on [0, 1] images, max over RGB, clipped and blurred. (N,3,H,W) -> (N,1,H,W)."""
-    diff = ((corrected - reconstructed).abs() / 2).amax(dim=1, keepdim=True)  # [-1,1] -> [0,1] units
+def pixel_discrepancy(corrected: torch.Tensor, reconstructed: torch.Tensor, clip: float, sigma: float,
+                      scale: str = "unit") -> torch.Tensor:
+    """|D(z0_hat) - D(z0)|, max over RGB, clipped and blurred: (N,3,H,W) -> (N,1,H,W). ``scale``
+    "decoder": on the decoder's own [-1, 1] scale (the paper's); "unit": halved to [0, 1] units."""
+    if scale not in PIXEL_SCALES:
+        raise ValueError(f"unknown pixel scale {scale!r}; choose one of {', '.join(PIXEL_SCALES)}")
+    diff = (corrected - reconstructed).abs().amax(dim=1, keepdim=True)
+    if scale == "unit":
+        diff = diff / 2
     return gaussian_blur(diff.clamp(max=clip) / clip, sigma)
 
 
@@ -162,7 +168,8 @@ def anomaly_maps(
     ``cfg.novelty``."""
     terms = []
     if cfg.combine != "latent":
-        terms.append(pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma))
+        terms.append(pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma,
+                                       cfg.pixel_scale))
     if cfg.combine != "pixel":
         if cfg.reference not in REFERENCES:
             raise ValueError(f"unknown map reference {cfg.reference!r}; choose one of {', '.join(REFERENCES)}")

@@ -38,7 +38,9 @@ def fit(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Stop after this many epochs."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Finish within this many minutes, reading and encoding included (the lr schedule follows the budget)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Finish within this many minutes, everything included (reading, encoding, statistics, calibration); the steps that fit are planned after timing the first ones and recorded in the bundle."),
+    stop_step: Optional[int] = typer.Option(None, "--stop-step", min=1, help="Stop after this step, keeping the lr schedule of --max-steps (replays a time-budget fit that the clock cut short: see `decodiff info`)."),
+    views: Optional[int] = typer.Option(None, "--views", min=1, help="Encoded views per training image: the image and shifted copies (default 4; a time budget may encode fewer and records how many)."),
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
     map_features: Optional[bool] = typer.Option(None, "--map-features/--no-map-features", help="Add the decoder-feature discrepancy to the map (needs a decoder: not the pixel backend)."),
@@ -65,7 +67,8 @@ def fit(
     given = {name: value for name, value in ctx.params.items()
              if ctx.get_parameter_source(name) is not None and ctx.get_parameter_source(name).name == "COMMANDLINE"}
     file_values = read_config_file(config) if config is not None else {}
-    cfg = build_config(given.get("preset", file_values.get("preset", preset)), {**file_values, **given})
+    options = {**file_values, **given}
+    cfg = build_config(options.get("preset", preset), options)
     images, problems = find_training_images(data)
     for item, problem in problems:
         console.warn(problem)
@@ -90,11 +93,12 @@ def fit(
                              f"{info['views']} view(s) each")
             elif kind == "step":
                 if "train" not in state:
-                    total = info["max_steps"] or 1000
-                    state["train"] = bar.add_task("training", total=total if info["max_steps"] else 1000, loss="-", speed="-")
+                    state["train"] = bar.add_task("training", total=1000, loss="-", speed="-")
+                # a time budget knows its steps once it has planned them: until then, by time
+                total = info["max_steps"] or 1000
                 completed = info["step"] if info["max_steps"] else info["progress"] * 1000
-                bar.update(state["train"], completed=completed, loss=f"{info['loss']:.4f}", speed=f"{info['images_per_s']:.1f}",
-                           description=f"training (epoch {info['epoch']:.1f})")
+                bar.update(state["train"], total=total, completed=completed, loss=f"{info['loss']:.4f}",
+                           speed=f"{info['images_per_s']:.1f}", description=f"training (epoch {info['epoch']:.1f})")
             elif kind == "warning":
                 console.warn(info["message"])
             elif kind == "alignment":
@@ -111,9 +115,11 @@ def fit(
                 console.info(f"calibrating on {info['images']} held-out image(s)")
 
         try:
-            result = run_fit(images, out, cfg, overwrite=overwrite, resume=resume, strict=strict,
-                             class_conditional=class_conditional, anomalous=_anomalous_paths(anomalous),
-                             on_event=on_event)
+            # a config file's run options count as much as its model options (the command line wins)
+            result = run_fit(images, out, cfg, overwrite=bool(options.get("overwrite", overwrite)),
+                             resume=bool(options.get("resume", resume)), strict=bool(options.get("strict", strict)),
+                             class_conditional=options.get("class_conditional", class_conditional),
+                             anomalous=_anomalous_paths(anomalous), on_event=on_event)
         except TrainingInterrupted as stop:
             console.error(f"{stop}")
             raise typer.Exit(EXIT_INTERRUPTED)
@@ -195,9 +201,12 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
         ("autoencoder", f"{c.autoencoder.spec} ({c.autoencoder.kind}, {c.autoencoder.latent_channels} ch, /{c.autoencoder.downsample})"),
         ("denoiser", f"{c.denoiser.size}, latent {c.denoiser.latent_channels}x{c.denoiser.latent_size}x{c.denoiser.latent_size}"),
         ("preprocess", f"resize {c.preprocess.resize}, crop {c.preprocess.image_size}"),
+        ("noise schedule", f"T={c.schedule.num_timesteps}, {c.schedule.kind}"),
+        ("training", describe_training(c.train)),
+        ("replay", replay_options(c.train)),
         ("correction", f"t={c.correction.timesteps()} strategy {c.correction.strategy}"),
         ("map", _describe_map(c.anomaly_map)),
-        ("latent scaling", c.latent_scaling.kind),
+        ("latent scaling", c.latent_scaling.kind + (f" x{c.latent_scaling.factor}" if c.latent_scaling.kind == "factor" else "")),
         ("files", ", ".join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in b.files().items())),
     ]
     for name, entry in b.calibration.get("categories", {}).items():
@@ -207,10 +216,36 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
     console.out.print(table)
 
 
+def describe_training(t) -> str:
+    """The training recipe of METHOD.md 3-4, as a bundle records it."""
+    probs = " ".join(f"{p:.2f}" for p in t.patch_probs)
+    if t.lr_per_epoch:
+        schedule = f"per epoch, warm-up {t.warmup_epochs} epochs"
+    else:
+        schedule = f"per step, warm-up {t.warmup_steps} steps"
+    length = f"{t.steps_done} steps" if t.steps_done else (f"{t.epochs} epochs" if t.epochs else f"{t.max_steps} steps")
+    return (f"{length}, batch {t.batch_size}, AdamW lr {t.lr:g} wd {t.weight_decay:g}, lr {schedule}, cosine to "
+            f"{t.lr_floor:g}x at {t.cosine_horizon:g}x the length; "
+            + (f"EMA {t.ema_decay:g}" if t.ema_decay > 0 else "no EMA") + f", precision {t.mixed_precision}; "
+            f"patches {t.patch_sizes} p {probs}, mask ratio U(0, {t.mask_ratio_max:g}) "
+            + ("exact count" if t.exact_mask else "per patch") + f", shuffled U(0, {t.shuffle_ratio_max:g}); latents: "
+            + ("posterior samples" if t.posterior_samples else "encoder output") + f"; {t.augment_variants} view(s), seed {t.seed}")
+
+
+def replay_options(t) -> str:
+    """The fit options that train this model again (same data, settings and processes)."""
+    if not t.steps_done:
+        return "not recorded (a bundle of an earlier decodiff)"
+    steps = t.max_steps or t.steps_done
+    text = f"--max-steps {steps}" + (f" --stop-step {t.stop_step}" if t.stop_step else "")
+    return text + f" --views {t.augment_variants} --seed {t.seed}"
+
+
 def _describe_map(m) -> str:
-    text = f"{m.combine}, pixel clip {m.pixel_clip}, "
+    scale = "the decoder's [-1, 1] scale" if m.pixel_scale == "decoder" else "[0, 1] units"
+    text = f"{m.combine}, pixel clip {m.pixel_clip} on {scale} (blur {m.pixel_sigma:g}), "
     if m.reference == "none":
-        text += f"latent clip {m.latent_clip}"
+        text += f"latent clip {m.latent_clip} (blur {m.latent_sigma:g})"
     else:
         text += f"latent z-score against a per-position normal reference, clip {m.reference_clip}"
     if m.features:

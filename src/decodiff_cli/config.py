@@ -57,6 +57,7 @@ class CorrectionConfig:
 
 
 COMBINATIONS = ("geometric", "arithmetic", "pixel", "latent")
+PIXEL_SCALES = ("unit", "decoder")
 REFERENCES = ("none", "position")  # in a bundle
 FIT_REFERENCES = REFERENCES + ("auto",)  # as a fit option
 ALIGNED_BELOW = 0.6  # "auto": anomaly_map.alignment of MVTec bottle 0.37, of (unaligned) magnetic tiles 0.93
@@ -68,6 +69,11 @@ class MapConfig:
 
     combine: str = "geometric"  # geometric | arithmetic | pixel | latent
     pixel_clip: float = 0.4
+    # The scale the pixel difference and its clip are taken on. "decoder": the decoder's own
+    # [-1, 1] output, not clamped (the authors' evaluation code, METHOD.md 6); "unit": the
+    # output clamped to [-1, 1] and halved to [0, 1] units, where clip 0.4 equals 0.8 on the
+    # decoder's scale (what bundles written before this field scored with, and the cpu preset).
+    pixel_scale: str = "unit"
     pixel_sigma: float = 3.0  # Gaussian blur, in pixels of the model's input
     latent_clip: float = 0.5  # 0.2 in the paper, for SD-VAE latents * 0.18215; ours are
     # standardised per channel (unit variance), where 0.2 saturates on normal texture.
@@ -149,22 +155,37 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    epochs: int = 0  # 0: not limiting
-    max_steps: int = 0  # 0: not limiting
+    warmup_steps: int = 100  # linear warm-up, in optimiser steps (when the lr steps per step)
+    # The learning rate: linear warm-up, then a cosine from the peak down to ``lr_floor`` x
+    # the peak, reached at ``cosine_horizon`` x the training length. With ``lr_per_epoch``
+    # it changes once per epoch and the warm-up is ``warmup_epochs`` epochs (the authors').
+    lr_per_epoch: bool = False
+    warmup_epochs: int = 0
+    cosine_horizon: float = 1.0
+    lr_floor: float = 0.1
+    epochs: int = 0  # 0: not limiting; an epoch is a full pass, the last, smaller batch included
+    max_steps: int = 0  # 0: not limiting (a time-budget fit records the steps it planned here)
+    stop_step: int = 0  # > 0: stop after this step, on the schedule of max_steps (replays a fit the clock cut short)
+    steps_done: int = 0  # written at fit time: the optimiser steps the model was trained for
     time_budget_minutes: float = 0.0  # 0: not limiting
     ema_decay: float = 0.995
     mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1
     seed: int = 0
-    augment_variants: int = 4  # encoded views per image: the original + shifted copies
+    augment_variants: int = 4  # encoded views per image: the original + shifted copies (a fit records those encoded)
     max_shift: int = 4  # the paper's random translation, in pixels
     hflip: bool = False
     vflip: bool = False
     holdout_fraction: float = 0.1
     min_holdout: int = 3
     mask_ratio_max: float = 0.7
+    # True: exactly floor(N * (1 - r)) of the N patches stay clean (the authors'); False: each
+    # patch stays clean with probability 1 - r (the same on average; what the cpu preset measured).
+    exact_mask: bool = False
     shuffle_ratio_max: float = 0.3
+    # True: train on a fresh sample of the encoder's posterior each step, where the autoencoder
+    # has one (KL-VAE; the authors'); False: on its mean, as at test time.
+    posterior_samples: bool = False
     patch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     patch_probs: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
 

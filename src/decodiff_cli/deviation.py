@@ -63,32 +63,54 @@ def corrupt(
     patch_size: int,
     mask_ratio_max: float = 0.7,
     shuffle_ratio_max: float = 0.3,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    exact_mask: bool = False,
+    source_generator: torch.Generator | None = None,
 ) -> Corruption:
     """The masked forward process (METHOD.md 3.3-3.6).
 
     z0: (N, C, H, W) clean latents; t: (N,) integer timesteps; abar: (T,) schedule.
+    ``generator``: one for the whole batch, or one per sample (each sample's mask and noise
+    then come from its own); the patch-shuffling sources, which mix samples, come from
+    ``source_generator`` (default: the one generator).
+    ``exact_mask``: exactly floor(N (1 - r)) of the N patches stay clean, not each with
+    probability 1 - r.
     """
     n, c, h, w = z0.shape
     gh, gw = math.ceil(h / patch_size), math.ceil(w / patch_size)
     dev = z0.device
+    per_sample = isinstance(generator, (list, tuple))
+    if per_sample and len(generator) != n:
+        raise ValueError(f"{len(generator)} generators for {n} samples")
+
+    def draw(sampler, *shape: int) -> torch.Tensor:  # (n, *shape) on the CPU
+        if per_sample:
+            return torch.stack([sampler(shape, g) for g in generator])
+        return sampler((n, *shape), generator)
 
     def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator, device="cpu").to(dev)
+        return draw(lambda size, g: torch.rand(*size, generator=g), *shape).to(dev)
 
     # m: a per-sample ratio r ~ U(0, mask_ratio_max) of the patches is noised.
-    ratio = uniform(n, 1, 1) * mask_ratio_max
-    kept = (uniform(n, gh, gw) >= ratio).to(z0.dtype)
+    ratio = uniform(1, 1) * mask_ratio_max
+    scores = uniform(gh, gw)
+    if exact_mask:  # the floor(N (1 - r)) patches with the lowest scores stay clean
+        keep = torch.floor(gh * gw * (1 - ratio.view(n, 1)))
+        rank = scores.view(n, -1).argsort(dim=1).argsort(dim=1)
+        kept = (rank < keep).view(n, gh, gw).to(z0.dtype)
+    else:
+        kept = (scores >= ratio).to(z0.dtype)
     kept = _patch_grid_to_latent(kept, patch_size, h, w)
 
     # n: Gaussian, except on a per-sample fraction U(0, shuffle_ratio_max) of the patches,
     # where it is a latent patch from another image or position of the batch (structured,
     # realistic "anomalies"). Patch sources are drawn on the patch grid.
-    noise = torch.randn(z0.shape, generator=generator, device="cpu").to(dev, z0.dtype)
-    shuffle_ratio = uniform(n, 1, 1) * shuffle_ratio_max
-    shuffled = _patch_grid_to_latent((uniform(n, gh, gw) < shuffle_ratio).to(z0.dtype), patch_size, h, w)
+    noise = draw(lambda size, g: torch.randn(*size, generator=g), c, h, w).to(dev, z0.dtype)
+    shuffle_ratio = uniform(1, 1) * shuffle_ratio_max
+    shuffled = _patch_grid_to_latent((uniform(gh, gw) < shuffle_ratio).to(z0.dtype), patch_size, h, w)
     if shuffled.any():
-        noise = shuffled * _shuffle_patches(z0, patch_size, generator) + (1 - shuffled) * noise
+        sources = source_generator if per_sample else generator
+        noise = shuffled * _shuffle_patches(z0, patch_size, sources) + (1 - shuffled) * noise
 
     a = abar.to(dev, z0.dtype)[t].view(n, 1, 1, 1)
     sqrt_a, sqrt_1ma = a.sqrt(), (1 - a).sqrt()

@@ -71,21 +71,68 @@ def encoding_limit(minutes: float) -> float | None:
     return minutes * 60 * ENCODING_SHARE if minutes > 0 else None
 
 
-def training_budget(minutes: float, spent_s: float, emit: Event) -> float:
-    """Seconds left for training once images are read and encoded (0: no budget). At
-    least a tenth of the budget is always trained, even if encoding overran it."""
+def training_budget(minutes: float, spent_s: float, emit: Event, after_s: float = 0.0) -> float:
+    """Seconds left for training once images are read and encoded, and ``after_s`` (the
+    estimated cost of what follows training) kept aside (0: no budget). At least a tenth of
+    the budget is always trained, even if the rest overran it."""
     if minutes <= 0:
         return 0.0
-    left = max(minutes * 60 - spent_s, minutes * 6)
-    if spent_s > minutes * 30:
-        emit("warning", {"message": f"reading and encoding took {spent_s / 60:.1f} of the {minutes:g} budgeted minutes; "
+    left = max(minutes * 60 - spent_s - after_s, minutes * 6)
+    if spent_s + after_s > minutes * 30:
+        emit("warning", {"message": f"the steps before training (reading, encoding, normal latents) took {spent_s / 60:.1f} "
+                                    f"of the {minutes:g} budgeted minutes and those after it need about {after_s / 60:.1f}; "
                                     f"training gets {left / 60:.1f}"})
     return left
 
 
+WRITE_BYTES_PER_S = 100e6  # a conservative disk: the bundle's weights are written once
+
+
+def after_training_seconds(cfg: ModelConfig, autoencoder, device, holdout: dict[str, list[Path]], anomalous: int,
+                           cache, labels: list[int], categories: list[str], banks) -> float:
+    """What fit() does after training, estimated from its measured cost per image: the
+    map's normal statistics (a correction and two decodes per image), the calibration (a
+    full inference per held-out or labelled image) and writing the bundle. Measured with an
+    untrained denoiser of the same size: the cost does not depend on the weights."""
+    import copy
+
+    from decodiff_cli.denoiser import Denoiser
+    from decodiff_cli.model import DecoDiffModel
+
+    timing = copy.deepcopy(cfg)
+    map_cfg = timing.anomaly_map
+    map_cfg.reference = "none"  # statistics not measured yet; the z-score costs nothing extra
+    map_cfg.feature_scales = {name: [1.0] * len(autoencoder.feature_stages()) for name in categories}
+    map_cfg.novelty_scales = {name: 1.0 for name in categories}
+    denoiser = Denoiser(timing.denoiser)
+    model = DecoDiffModel(timing, autoencoder, denoiser, device, normal_latents=banks)
+    items = [(categories.index(name), path) for name, paths in sorted(holdout.items()) for path in paths]
+    ids = torch.tensor([index for index, _ in items[:5]])
+    images = torch.stack([load_image(path, cfg.preprocess).tensor for _, path in items[:5]])
+    model.infer(images[:1], ids[:1])  # the first call pays one-time costs (allocation, kernels)
+    clock = time.monotonic()
+    if len(images) > 1:
+        model.infer(images[1:], ids[1:])
+    per_image = (time.monotonic() - clock) / max(1, len(images) - 1) if len(images) > 1 else time.monotonic() - clock
+    seconds = per_image * (sum(map(len, holdout.values())) + anomalous)
+
+    map_cfg = cfg.anomaly_map
+    reference_images = sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
+                           if map_cfg.features or has_own_reference(map_cfg, name))
+    if reference_images:
+        z0 = _first_views(cache, torch.arange(min(2, cache.num_images)), model.scaler).to(model.device)
+        clock = time.monotonic()
+        z0_hat = model.correct(z0, torch.zeros(len(z0), dtype=torch.long))
+        model.decode_pairs(z0, z0_hat, features=map_cfg.features)
+        seconds += (time.monotonic() - clock) / len(z0) * reference_images
+    weights = sum(v.numel() * 4 for v in list(autoencoder.state_dict().values()) + list(denoiser.state_dict().values()))
+    weights += sum(bank.numel() * 2 for bank in (banks or {}).values())
+    return seconds + weights / WRITE_BYTES_PER_S
+
+
 def _first_views(cache, rows: torch.Tensor, scaler: LatentScaler) -> torch.Tensor:
-    """Normalised latents of the given images, view 0 (the image itself)."""
-    return scaler.normalize(cache.batch(rows, torch.zeros_like(rows)).float())
+    """Normalised latents of the given images, view 0 (the image itself; the posterior's mean)."""
+    return scaler.normalize(cache.means(cache.batch(rows, torch.zeros_like(rows))).float())
 
 
 def class_centroids(cache, labels: list[int], categories: list[str], scaler: LatentScaler) -> dict[str, list[float]]:
@@ -290,6 +337,7 @@ def fit(
     if cfg.latent_scaling.kind == "channel" or not cfg.latent_scaling.mean:
         # np.array copies: a read-only memmap slice handed to torch.from_numpy warns.
         first_views = torch.from_numpy(np.array(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()
+        first_views = cache.means(first_views)
         cfg.latent_scaling = fit_scaling(first_views, cfg.latent_scaling.kind, cfg.latent_scaling.factor)
     if len(categories) > 1:
         cfg.class_centroids = class_centroids(cache, labels, categories, LatentScaler(cfg.latent_scaling))
@@ -299,6 +347,19 @@ def fit(
         cfg.anomaly_map.reference = "position" if aligned else "none"
         emit("alignment", {"alignment": cfg.anomaly_map.alignment, "aligned": aligned})
 
+    # The novelty term's normal latents need no trained model: stored before training, so
+    # that a time budget knows what is left after it.
+    banks = None
+    if main and cfg.anomaly_map.novelty:
+        emit("novelty", {"images": len(labels)})
+        scaler = LatentScaler(cfg.latent_scaling)
+        banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank)
+    labelled = load_anomalous(anomalous or [], cfg, categories, skip) if main else {}
+    after_s = 0.0
+    if main and cfg.train.time_budget_minutes > 0:
+        after_s = after_training_seconds(cfg, autoencoder, accelerator.device, holdout, sum(map(len, labelled.values())),
+                                         cache, labels, categories, banks)
+
     # 3. train
     log_file = work / "training_log.jsonl"
     if main and not resume:
@@ -306,7 +367,14 @@ def fit(
         (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     result = train(cfg, cache, torch.tensor(labels), accelerator, work / "checkpoint", resume=resume,
                    progress=lambda record: emit("step", record), log_file=log_file, should_stop=should_stop,
-                   budget_s=training_budget(cfg.train.time_budget_minutes, time.monotonic() - began, emit))
+                   budget_s=training_budget(cfg.train.time_budget_minutes, time.monotonic() - began, emit, after_s))
+    # What replays this model: --max-steps (the schedule's length) [--stop-step] --views --seed
+    cfg.train.steps_done = result.steps
+    cfg.train.augment_variants = int(cache.latents.shape[1])
+    if cfg.train.time_budget_minutes > 0:
+        cfg.train.max_steps = result.schedule_steps
+        if result.steps < result.schedule_steps:
+            cfg.train.stop_step = result.steps
 
     # 4. calibrate on the held-out images, write the bundle (one writer)
     calibration: dict[str, Any] = {}
@@ -316,18 +384,13 @@ def fit(
 
         denoiser = Denoiser(cfg.denoiser)
         denoiser.load_state_dict(result.denoiser_state)
-        banks = None
-        if cfg.anomaly_map.novelty:
-            emit("novelty", {"images": len(labels)})
-            scaler = LatentScaler(cfg.latent_scaling)
-            banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank)
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device, normal_latents=banks)
         if cfg.anomaly_map.reference != "none" or cfg.anomaly_map.features:
             emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
                                              if cfg.anomaly_map.features or has_own_reference(cfg.anomaly_map, name))})
             model.reference, cfg.anomaly_map.feature_scales = normal_statistics(model, cache, labels, categories)
         emit("calibrate", {"images": sum(map(len, holdout.values()))})
-        calibration = calibrate_model(model, holdout, load_anomalous(anomalous or [], cfg, categories, skip), skip)
+        calibration = calibrate_model(model, holdout, labelled, skip)
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
                      overwrite=overwrite or resume, reference=model.reference, normal_latents=banks)
         shutil.rmtree(work, ignore_errors=True)

@@ -32,8 +32,24 @@ RAM_LIMIT_BYTES = 4 << 30
 
 @dataclass
 class LatentCache:
-    latents: np.ndarray | torch.Tensor  # (N, V, C, h, w) float16 raw latents
+    latents: np.ndarray | torch.Tensor  # (N, V, C, h, w) float16 raw latents; (N, V, 2C, h, w) with posterior
     on_disk: bool
+    # True: each latent is stored as the encoder posterior's mean and log-variance, stacked
+    # on the channels, so that training draws a fresh sample each step (METHOD.md 4).
+    posterior: bool = False
+
+    def means(self, stored: torch.Tensor) -> torch.Tensor:
+        """Rows read with ``batch`` -> the latents themselves (the posterior's mean)."""
+        return stored[:, : stored.shape[1] // 2] if self.posterior else stored
+
+    def samples(self, stored: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Rows read with ``batch`` -> one posterior sample per row, row i drawn from
+        ``generators[i]`` (the mean itself without a posterior)."""
+        if not self.posterior:
+            return stored
+        mean, logvar = stored.chunk(2, dim=1)
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators]) if len(stored) else mean
+        return mean + (0.5 * logvar).exp() * noise.to(mean)
 
     @property
     def num_images(self) -> int:
@@ -46,6 +62,8 @@ class LatentCache:
     def batch(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         """Raw float32 latents of the given (image, view) pairs."""
         if self.on_disk:
+            if not len(images):
+                return torch.empty(0, *self.latents.shape[2:])
             # np.array copies out of the read-only memmap (torch.from_numpy warns on those)
             rows = [torch.from_numpy(np.array(self.latents[i, v])) for i, v in zip(images.tolist(), views.tolist())]
             return torch.stack(rows).float()
@@ -79,6 +97,8 @@ def cache_key(paths: Sequence[Path], pre: PreprocessConfig, cfg: TrainConfig, au
         "views": [cfg.augment_variants, cfg.max_shift, cfg.hflip, cfg.vflip, cfg.seed],
         "autoencoder": autoencoder_spec,
     }
+    if cfg.posterior_samples:  # only then: the keys of caches without a posterior stay as they were
+        parts["posterior"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,13 +127,16 @@ def build_cache(
         ram_limit_bytes = RAM_LIMIT_BYTES
     get = images if callable(images) else images.__getitem__
     side = get(0).shape[-1] // autoencoder.downsample
-    shape = (count, cfg.augment_variants, autoencoder.latent_channels, side, side)
+    # the posterior's mean and log-variance where there is one and training samples it
+    posterior = cfg.posterior_samples and autoencoder.has_posterior
+    channels = autoencoder.latent_channels * (2 if posterior else 1)
+    shape = (count, cfg.augment_variants, channels, side, side)
     on_disk = folder is not None and int(np.prod(shape)) * 2 > ram_limit_bytes
     if on_disk:
         folder.mkdir(parents=True, exist_ok=True)
         file, done = folder / f"latents-{key}.npy", folder / f"latents-{key}.done"
         if file.is_file() and done.is_file():  # a finished cache from an earlier (resumed) run
-            return LatentCache(np.load(file, mmap_mode="r")[:, : int(done.read_text())], on_disk=True)
+            return LatentCache(np.load(file, mmap_mode="r")[:, : int(done.read_text())], on_disk=True, posterior=posterior)
         store: np.ndarray | torch.Tensor = np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=shape)
     else:
         store = torch.empty(shape, dtype=torch.float16)
@@ -125,7 +148,8 @@ def build_cache(
     for view in range(cfg.augment_variants):
         for index in range(count):
             image = augmented_view(get(index), cfg, index, view).to(device)
-            latent = autoencoder.encode(image[None].contiguous(memory_format=layout))[0]
+            pixels = image[None].contiguous(memory_format=layout)
+            latent = torch.cat(autoencoder.encode_posterior(pixels), dim=1)[0] if posterior else autoencoder.encode(pixels)[0]
             latent = latent.float().cpu().contiguous().to(torch.float16)
             store[index, view] = latent.numpy() if on_disk else latent
             if progress is not None:
@@ -137,5 +161,5 @@ def build_cache(
     if on_disk:
         store.flush()
         done.write_text(f"{views_done}\n")
-        return LatentCache(np.load(file, mmap_mode="r")[:, :views_done], on_disk=True)
-    return LatentCache(store[:, :views_done], on_disk=False)
+        return LatentCache(np.load(file, mmap_mode="r")[:, :views_done], on_disk=True, posterior=posterior)
+    return LatentCache(store[:, :views_done], on_disk=False, posterior=posterior)

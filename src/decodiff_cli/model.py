@@ -110,11 +110,13 @@ class DecoDiffModel:
         chunk, so that the full-size feature maps can be compared and dropped at once."""
         pairs = torch.stack([z0, z0_hat], dim=1).flatten(0, 1)  # z0[0], z0_hat[0], z0[1], ...
         layout = torch.channels_last if self.on_cpu else torch.contiguous_format
+        clamp = self.cfg.anomaly_map.pixel_scale != "decoder"  # the paper's pixel term: the decoder's own output
+        decode = self.autoencoder.decode if clamp else self.autoencoder.decode_unclamped
         images, levels = [], []
         for chunk in self.scaler.denormalize(pairs).split(2 * self.autoencoder_chunk):
             with self._autocast():
                 chunk = chunk.to(self.device).contiguous(memory_format=layout)
-                decoded, found = self.autoencoder.decode_with_features(chunk) if features else (self.autoencoder.decode(chunk), [])
+                decoded, found = self.autoencoder.decode_with_features(chunk, clamp) if features else (decode(chunk), [])
             images.append(decoded.float())
             levels.append([feature_difference(f[0::2], f[1::2]) for f in found])
         images = torch.cat(images).contiguous()

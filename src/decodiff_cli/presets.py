@@ -9,6 +9,7 @@ from typing import Any
 from decodiff_cli.config import (
     COMBINATIONS,
     FIT_REFERENCES,
+    PIXEL_SCALES,
     AutoencoderConfig,
     DenoiserConfig,
     LatentScaling,
@@ -39,16 +40,27 @@ def _cpu() -> ModelConfig:
     )
 
 
+def paper_patch_sizes(image_size: int) -> tuple[list[int], list[float]]:
+    """The authors' patch sizes (latent pixels, 8x downsampling) and their probabilities for
+    an input side (METHOD.md 3.2): a fifth, larger size (a quarter of the latent side) only
+    from 384 px up."""
+    if image_size < 384:
+        return [1, 2, 4, 8], [0.40, 0.30, 0.20, 0.10]
+    return [1, 2, 4, 8, image_size // 32], [0.30, 0.25, 0.20, 0.15, 0.10]
+
+
 def _paper() -> ModelConfig:
-    """The authors' setting (METHOD.md): SD-VAE, the 256-wide UNet, batch 128, 800 epochs."""
+    """The authors' setting (METHOD.md 1-6): SD-VAE, the 256-wide UNet, batch 128, 800 epochs."""
+    sizes, probs = paper_patch_sizes(256)
     return ModelConfig(
         preprocess=PreprocessConfig(image_size=256, resize=288),
-        anomaly_map=MapConfig(latent_clip=0.2),
+        anomaly_map=MapConfig(latent_clip=0.2, pixel_scale="decoder"),
         latent_scaling=LatentScaling(kind="factor", factor=0.18215),
         autoencoder=AutoencoderConfig(spec="stabilityai/sd-vae-ft-ema"),
         denoiser=DenoiserConfig(size="l"),
-        train=TrainConfig(batch_size=128, lr=1e-4, epochs=800, ema_decay=0.0, warmup_steps=500,
-                          patch_sizes=[1, 2, 4, 8, 16], patch_probs=[0.30, 0.25, 0.20, 0.15, 0.10]),
+        train=TrainConfig(batch_size=128, lr=1e-4, weight_decay=1e-4, epochs=800, ema_decay=0.0, mixed_precision="no",
+                          lr_per_epoch=True, warmup_epochs=10, warmup_steps=0, cosine_horizon=1.5, lr_floor=0.0,
+                          exact_mask=True, posterior_samples=True, patch_sizes=sizes, patch_probs=probs),
     )
 
 
@@ -68,6 +80,15 @@ OPTION_FIELDS = {
     "seed": ("train", "seed"),
     "ema_decay": ("train", "ema_decay"),
     "warmup_steps": ("train", "warmup_steps"),
+    "warmup_epochs": ("train", "warmup_epochs"),
+    "lr_per_epoch": ("train", "lr_per_epoch"),
+    "cosine_horizon": ("train", "cosine_horizon"),
+    "lr_floor": ("train", "lr_floor"),
+    "stop_step": ("train", "stop_step"),
+    "views": ("train", "augment_variants"),
+    "exact_mask": ("train", "exact_mask"),
+    "posterior_samples": ("train", "posterior_samples"),
+    "pixel_scale": ("anomaly_map", "pixel_scale"),
     "patch_sizes": ("train", "patch_sizes"),
     "patch_probs": ("train", "patch_probs"),
     "map_combine": ("anomaly_map", "combine"),
@@ -150,6 +171,12 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"--score-top must be at least 0 and below 1, not {cfg.anomaly_map.score_top_fraction}")
     if cfg.anomaly_map.reference not in FIT_REFERENCES:
         raise ValueError(f"--map-reference must be one of {', '.join(FIT_REFERENCES)}, not {cfg.anomaly_map.reference!r}")
+    if cfg.anomaly_map.pixel_scale not in PIXEL_SCALES:
+        raise ValueError(f"pixel_scale must be one of {', '.join(PIXEL_SCALES)}, not {cfg.anomaly_map.pixel_scale!r}")
+    if preset == "paper" and options.get("patch_sizes") is None:  # the authors' sizes follow the input size
+        cfg.train.patch_sizes, cfg.train.patch_probs = paper_patch_sizes(cfg.preprocess.image_size)
+    if cfg.train.lr_per_epoch and options.get("warmup_steps") is not None:
+        raise ValueError("warmup_steps: this learning rate changes once per epoch; set its warm-up with warmup_epochs")
     sizes, probs = cfg.train.patch_sizes, cfg.train.patch_probs
     if "patch_sizes" in options and "patch_probs" not in options:
         probs = cfg.train.patch_probs = [1 / len(sizes)] * len(sizes) if sizes else []
@@ -157,7 +184,12 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
             or any(p < 0 for p in probs) or sum(probs) <= 0):
         raise ValueError(f"patch_sizes {sizes} and patch_probs {probs}: need positive integer sizes and as many "
                          "non-negative probabilities, not all zero")
-    for name in ("batch_size",):
+    for name, option in (("batch_size", "batch-size"), ("augment_variants", "views")):
         if getattr(cfg.train, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise ValueError(f"--{option} must be at least 1")
+    if cfg.train.stop_step < 0 or cfg.train.warmup_epochs < 0 or cfg.train.warmup_steps < 0:
+        raise ValueError("--stop-step, warmup_steps and warmup_epochs cannot be negative")
+    if cfg.train.cosine_horizon <= 0 or not 0 <= cfg.train.lr_floor <= 1:
+        raise ValueError(f"cosine_horizon must be positive and lr_floor between 0 and 1, not {cfg.train.cosine_horizon} "
+                         f"and {cfg.train.lr_floor}")
     return cfg

@@ -28,6 +28,21 @@ class Autoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (N,C,h,w) -> (N,3,H,W)
         raise NotImplementedError
 
+    def decode_unclamped(self, latents: torch.Tensor) -> torch.Tensor:
+        """``decode`` before any clamp to [-1, 1]: the decoder's own output, which the
+        paper's pixel term compares (METHOD.md 6). Backends that never clamp: ``decode``."""
+        return self.decode(latents)
+
+    @property
+    def has_posterior(self) -> bool:
+        """Whether the encoder gives a Gaussian posterior (``encode_posterior``)."""
+        return False
+
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log-variance) of the encoder's Gaussian posterior, each (N,C,h,w); ``encode``
+        gives the mean."""
+        raise NotImplementedError(f"the {self.kind!r} autoencoder has no posterior")
+
     def architecture(self) -> dict[str, Any]:
         """Plain data that, with ``state_dict()``, rebuilds this network offline."""
         raise NotImplementedError
@@ -37,13 +52,14 @@ class Autoencoder(nn.Module):
         compares (one per resolution: the upsampling steps); [] when there are none."""
         return []
 
-    def decode_with_features(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``decode`` that also returns the decoder's feature maps, coarse to fine."""
+    def decode_with_features(self, latents: torch.Tensor, clamp: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``decode`` (``decode_unclamped`` without ``clamp``) that also returns the decoder's
+        feature maps, coarse to fine."""
         found: list[torch.Tensor] = []
         hooks = [stage.register_forward_pre_hook(lambda module, args: found.append(args[0]))
                  for stage in self.feature_stages()]
         try:
-            return self.decode(latents), found
+            return (self.decode(latents) if clamp else self.decode_unclamped(latents)), found
         finally:
             for hook in hooks:
                 hook.remove()

@@ -61,8 +61,21 @@ class DiffusersAutoencoder(Autoencoder):
             return self.vae.encode(images).latent_dist.mean  # the mean at test time (paper)
         return self.vae.encode(images).latents
 
+    @property
+    def has_posterior(self) -> bool:
+        return self.kind == "kl"
+
+    def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind != "kl":
+            return super().encode_posterior(images)
+        posterior = self.vae.encode(images).latent_dist
+        return posterior.mean, posterior.logvar
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents).sample.clamp(-1, 1)
+        return self.decode_unclamped(latents).clamp(-1, 1)
+
+    def decode_unclamped(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents).sample
 
     def feature_stages(self) -> list[torch.nn.Module]:
         # AutoencoderKL upsamples with diffusers' Upsample2D, AutoencoderTiny with nn.Upsample.

@@ -182,7 +182,10 @@ class TaesdFolderAutoencoder(Autoencoder):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (N,C,h,w) -> (N,3,8h,8w) in [-1,1]
         # TAESD's output is unbounded (slightly over [0, 1] at edges); clamp to honour the interface.
-        return (self.decoder(latents) * 2 - 1).clamp(-1, 1)
+        return self.decode_unclamped(latents).clamp(-1, 1)
+
+    def decode_unclamped(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents) * 2 - 1
 
     def architecture(self) -> dict[str, Any]:
         return copy.deepcopy(self.arch)
