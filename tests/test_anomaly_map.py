@@ -1,4 +1,4 @@
-"""Discrepancies -> anomaly map (paper Eq. 15, METHOD.md section 6)."""
+"""Discrepancies -> anomaly map (paper Eq. 15, docs/method.md section 6)."""
 
 from __future__ import annotations
 

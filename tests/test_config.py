@@ -125,7 +125,7 @@ def test_paper_preset_values():
     assert cfg.denoiser.size == "l"
     t = cfg.train
     assert (t.batch_size, t.lr, t.epochs, t.ema_decay, t.weight_decay) == (128, 1e-4, 800, 0.0, 1e-4)
-    assert t.patch_sizes == [1, 2, 4, 8]  # at 256 px (METHOD.md 3.2, corrected: {1,2,4,8,16} came from a fork)
+    assert t.patch_sizes == [1, 2, 4, 8]  # at 256 px (docs/method.md 3.2, corrected: {1,2,4,8,16} came from a fork)
     assert t.patch_probs == pytest.approx([0.40, 0.30, 0.20, 0.10])
     assert sum(t.patch_probs) == pytest.approx(1.0)
     assert cfg.correction.timesteps() == [8, 6, 4, 2, 0]

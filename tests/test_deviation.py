@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from decodiff_cli.config import CorrectionConfig
 from decodiff_cli.deviation import alpha_bars, corrupt, correct, sample_patch_size
 
-# METHOD.md section 2, to 4 decimals.
+# docs/method.md section 2, to 4 decimals.
 ABAR = [0.9721, 0.8987, 0.7869, 0.6475, 0.4938, 0.3408, 0.2031, 0.0940, 0.0241, 0.0]
 SQRT_1MA = [0.1671, 0.3183, 0.4616, 0.5937, 0.7114, 0.8119, 0.8927, 0.9518, 0.9879, 1.0]
 
@@ -302,7 +302,7 @@ def test_zero_denoiser_leaves_latents_unchanged(strategy, steps):
 
 
 def _reference(denoiser, z0, abar, steps, strategy):
-    """METHOD.md section 5, written out in float64 scalars."""
+    """docs/method.md section 5, written out in float64 scalars."""
     z = z0.double()
     ab = abar.double()
     for i, t in enumerate(steps):

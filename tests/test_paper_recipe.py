@@ -1,4 +1,4 @@
-"""`--preset paper` against every number of METHOD.md sections 2-6, and the training fixes
+"""`--preset paper` against every number of docs/method.md sections 2-6, and the training fixes
 that came with it (epochs, learning rate, EMA on load, accumulation, process shares,
 per-sample draws), each on a tiny model or on plain tensors."""
 
@@ -29,7 +29,7 @@ def one_thread():
 
 PAPER = build_config("paper", {})
 
-# (METHOD.md section, what, the preset's value, the page's value)
+# (docs/method.md section, what, the preset's value, the page's value)
 NUMBERS = [
     ("2", "T", PAPER.schedule.num_timesteps, 10),
     ("2", "schedule", PAPER.schedule.kind, "squaredcos_cap_v2"),

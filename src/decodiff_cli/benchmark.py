@@ -4,7 +4,7 @@ Datasets: an MVTec AD root (``<root>/<category>/test/<defect>/*.png``, masks at
 ``<root>/<category>/ground_truth/<defect>/<stem>_mask.png``, ``good`` = normal), one
 such category folder, or a VisA root with ``split_csv/1cls.csv``.
 
-Protocols (METHOD.md section 7): ``paper`` resizes to 288x288 and centre-crops 256x256,
+Protocols (docs/method.md section 7): ``paper`` resizes to 288x288 and centre-crops 256x256,
 as the paper's tables do (border defects outside the crop are not scored); ``full``
 resizes the whole image to 256x256; ``native`` keeps every image at its ground truth's
 own resolution, as MVTec's official evaluation does (a normal image's ground truth is

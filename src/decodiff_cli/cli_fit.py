@@ -217,7 +217,7 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
 
 
 def describe_training(t) -> str:
-    """The training recipe of METHOD.md 3-4, as a bundle records it."""
+    """The training recipe of docs/method.md 3-4, as a bundle records it."""
     probs = " ".join(f"{p:.2f}" for p in t.patch_probs)
     if t.lr_per_epoch:
         schedule = f"per epoch, warm-up {t.warmup_epochs} epochs"

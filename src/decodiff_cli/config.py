@@ -1,7 +1,7 @@
 """Configuration as plain data.
 
 Every dataclass here is written into a bundle's ``config.json``; a bundle alone says how
-to preprocess, correct and score. Defaults follow ``docs/METHOD.md`` (the paper) unless a
+to preprocess, correct and score. Defaults follow ``docs/method.md`` (the paper) unless a
 comment says why they differ.
 """
 
@@ -32,7 +32,7 @@ class PreprocessConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The noise schedule (METHOD.md section 2)."""
+    """The noise schedule (docs/method.md section 2)."""
 
     num_timesteps: int = 10
     kind: str = "squaredcos_cap_v2"
@@ -40,7 +40,7 @@ class ScheduleConfig:
 
 @dataclass
 class CorrectionConfig:
-    """Deviation correction with deterministic DDIM (METHOD.md section 5)."""
+    """Deviation correction with deterministic DDIM (docs/method.md section 5)."""
 
     start_step: int = 8  # t of the first model call
     num_calls: int = 5  # model calls, evenly spaced from start_step down to 0
@@ -65,12 +65,12 @@ ALIGNED_BELOW = 0.6  # "auto": anomaly_map.alignment of MVTec bottle 0.37, of (u
 
 @dataclass
 class MapConfig:
-    """Discrepancies -> anomaly map (METHOD.md section 6, Eq. 15)."""
+    """Discrepancies -> anomaly map (docs/method.md section 6, Eq. 15)."""
 
     combine: str = "geometric"  # geometric | arithmetic | pixel | latent
     pixel_clip: float = 0.4
     # The scale the pixel difference and its clip are taken on. "decoder": the decoder's own
-    # [-1, 1] output, not clamped (the authors' evaluation code, METHOD.md 6); "unit": the
+    # [-1, 1] output, not clamped (the authors' evaluation code, docs/method.md 6); "unit": the
     # output clamped to [-1, 1] and halved to [0, 1] units, where clip 0.4 equals 0.8 on the
     # decoder's scale (what bundles written before this field scored with, and the cpu preset).
     pixel_scale: str = "unit"

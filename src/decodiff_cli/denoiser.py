@@ -1,6 +1,6 @@
 """The denoiser eps_theta(z_t, t[, class]): an attention UNet with timestep embedding.
 
-We use diffusers' ``UNet2DModel``. The paper's sizes (METHOD.md 4) are channel
+We use diffusers' ``UNet2DModel``. The paper's sizes (docs/method.md 4) are channel
 multipliers 1, 2, 4, two res-blocks per level and attention at all three levels, named
 here by base width. ``tiny`` exists for tests and trains in seconds.
 """

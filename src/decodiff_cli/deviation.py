@@ -1,4 +1,4 @@
-"""The DeCo-Diff diffusion process in latent space (paper Eq. 7-14, METHOD.md 2, 3, 5).
+"""The DeCo-Diff diffusion process in latent space (paper Eq. 7-14, docs/method.md 2, 3, 5).
 
 Three pieces, each small enough to check against the paper line by line:
 - ``alpha_bars``: the squared-cosine noise schedule, abar_t for t = 0..T-1.
@@ -44,7 +44,7 @@ class Corruption:
 
 
 def sample_patch_size(sizes: Sequence[int], probs: Sequence[float], generator: torch.Generator | None = None) -> int:
-    """One patch size per batch (METHOD.md 3.2)."""
+    """One patch size per batch (docs/method.md 3.2)."""
     weights = torch.tensor(probs, dtype=torch.float64)
     return int(sizes[int(torch.multinomial(weights, 1, generator=generator))])
 
@@ -67,7 +67,7 @@ def corrupt(
     exact_mask: bool = False,
     source_generator: torch.Generator | None = None,
 ) -> Corruption:
-    """The masked forward process (METHOD.md 3.3-3.6).
+    """The masked forward process (docs/method.md 3.3-3.6).
 
     z0: (N, C, H, W) clean latents; t: (N,) integer timesteps; abar: (T,) schedule.
     ``generator``: one for the whole batch, or one per sample (each sample's mask and noise

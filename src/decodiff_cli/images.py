@@ -1,6 +1,6 @@
 """Image file -> model tensor, and anomaly maps back to the image's own geometry.
 
-Geometry (``PreprocessConfig``, METHOD.md section 1): the image is resized to
+Geometry (``PreprocessConfig``, docs/method.md section 1): the image is resized to
 ``resize x resize`` (aspect ratio not kept, as in the paper), then centre-cropped to
 ``image_size``. ``map_to_original`` undoes exactly that, so a map can be laid over the
 user's picture.

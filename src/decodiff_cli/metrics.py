@@ -1,4 +1,4 @@
-"""The paper's seven metrics (METHOD.md section 7), exact, in bounded memory.
+"""The paper's seven metrics (docs/method.md section 7), exact, in bounded memory.
 
 Image level, from one score per image: AUROC, AP, F1-max. Pixel level, over every test
 pixel: AUROC, AP, F1-max and AUPRO (per-region overlap against the false-positive rate

@@ -42,7 +42,7 @@ def _cpu() -> ModelConfig:
 
 def paper_patch_sizes(image_size: int) -> tuple[list[int], list[float]]:
     """The authors' patch sizes (latent pixels, 8x downsampling) and their probabilities for
-    an input side (METHOD.md 3.2): a fifth, larger size (a quarter of the latent side) only
+    an input side (docs/method.md 3.2): a fifth, larger size (a quarter of the latent side) only
     from 384 px up."""
     if image_size < 384:
         return [1, 2, 4, 8], [0.40, 0.30, 0.20, 0.10]
@@ -50,7 +50,7 @@ def paper_patch_sizes(image_size: int) -> tuple[list[int], list[float]]:
 
 
 def _paper() -> ModelConfig:
-    """The authors' setting (METHOD.md 1-6): SD-VAE, the 256-wide UNet, batch 128, 800 epochs."""
+    """The authors' setting (docs/method.md 1-6): SD-VAE, the 256-wide UNet, batch 128, 800 epochs."""
     sizes, probs = paper_patch_sizes(256)
     return ModelConfig(
         preprocess=PreprocessConfig(image_size=256, resize=288),

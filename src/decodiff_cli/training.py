@@ -1,6 +1,6 @@
 """Training the denoiser with HF accelerate (one CPU, one GPU, DDP via `accelerate launch`).
 
-The loop is the paper's (METHOD.md 3-4): cached clean latents -> masked corruption ->
+The loop is the paper's (docs/method.md 3-4): cached clean latents -> masked corruption ->
 eps_theta(z_t, t) regressed on the direction of deviation eps' with MSE, AdamW with a
 warm-up + cosine schedule, plus an EMA of the weights.
 

@@ -30,7 +30,7 @@ class Autoencoder(nn.Module):
 
     def decode_unclamped(self, latents: torch.Tensor) -> torch.Tensor:
         """``decode`` before any clamp to [-1, 1]: the decoder's own output, which the
-        paper's pixel term compares (METHOD.md 6). Backends that never clamp: ``decode``."""
+        paper's pixel term compares (docs/method.md 6). Backends that never clamp: ``decode``."""
         return self.decode(latents)
 
     @property
