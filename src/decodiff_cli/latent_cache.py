@@ -35,7 +35,7 @@ class LatentCache:
     latents: np.ndarray | torch.Tensor  # (N, V, C, h, w) float16 raw latents; (N, V, 2C, h, w) with posterior
     on_disk: bool
     # True: each latent is stored as the encoder posterior's mean and log-variance, stacked
-    # on the channels, so that training draws a fresh sample each step (docs/method.md 4).
+    # on the channels, so that training draws a fresh sample each step (docs/method.md 1).
     posterior: bool = False
 
     def means(self, stored: torch.Tensor) -> torch.Tensor:
