@@ -52,6 +52,17 @@ def _load_make_dataset():
     return module.make_dataset
 
 
+def as_format_1(config: dict) -> dict:
+    """A config.json as decodiff 0.2.0 wrote it (format 1): what fit measured lay among the
+    map's settings (alignment, feature and novelty scales) and at the top (class centroids)."""
+    old = {key: value for key, value in config.items() if key != "measured"}
+    old["anomaly_map"] = {**config["anomaly_map"], **{key: config["measured"][key]
+                                                      for key in ("alignment", "feature_scales", "novelty_scales")}}
+    old["class_centroids"] = config["measured"]["class_centroids"]
+    old["format_version"] = 1
+    return old
+
+
 def tiny_config(max_steps: int = 20) -> ModelConfig:
     """What `decodiff fit --autoencoder pixel --model-size tiny --image-size 64
     --batch-size 4 --max-steps N` builds, with a short warm-up."""

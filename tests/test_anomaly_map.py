@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from decodiff_cli.anomaly_map import (
+    MapInputs,
     COMBINATIONS,
     anomaly_maps,
     combine,
@@ -39,7 +40,7 @@ def _random_case(n=2, c=4, h=8, w=8, f=8, seed=0):
 @pytest.mark.parametrize("how", COMBINATIONS)
 def test_maps_have_image_size_and_lie_in_unit_range(how):
     z0, z0_hat, rec, cor = _random_case(n=3, h=6, w=8)
-    maps = anomaly_maps(z0, z0_hat, rec, cor, MapConfig(combine=how), (48, 64))
+    maps = anomaly_maps(MapInputs(z0, z0_hat, (48, 64), reconstructed=rec, corrected=cor), MapConfig(combine=how))
     assert maps.shape == (3, 48, 64)
     assert maps.dtype == torch.float32
     assert float(maps.min()) >= 0 and float(maps.max()) <= 1
@@ -52,7 +53,7 @@ def test_maps_have_image_size_and_lie_in_unit_range(how):
 @pytest.mark.parametrize("how", COMBINATIONS)
 def test_identical_inputs_give_an_all_zero_map(how):
     z0, _, rec, _ = _random_case()
-    maps = anomaly_maps(z0, z0.clone(), rec, rec.clone(), MapConfig(combine=how), (64, 64))
+    maps = anomaly_maps(MapInputs(z0, z0.clone(), (64, 64), reconstructed=rec, corrected=rec.clone()), MapConfig(combine=how))
     assert maps.shape == (2, 64, 64)
     assert bool((maps == 0).all())
     assert bool((image_scores(maps) == 0).all())
@@ -83,7 +84,7 @@ def test_latent_only_needs_no_decoded_images():
     assert needs_decoder(MapConfig(combine="arithmetic"))
     assert not needs_decoder(MapConfig(combine="latent"))
     z0, z0_hat, _, _ = _random_case()
-    maps = anomaly_maps(z0, z0_hat, None, None, MapConfig(combine="latent"), (64, 64))
+    maps = anomaly_maps(MapInputs(z0, z0_hat, (64, 64)), MapConfig(combine="latent"))
     assert maps.shape == (2, 64, 64)
 
 
@@ -109,7 +110,7 @@ def _one_block_case(row=2, col=5, latent=8, f=8):
 def test_a_local_change_peaks_at_its_location(how):
     row, col = 2, 5
     z0, z0_hat, rec, cor = _one_block_case(row, col)
-    maps = anomaly_maps(z0, z0_hat, rec, cor, MapConfig(combine=how), (64, 64))
+    maps = anomaly_maps(MapInputs(z0, z0_hat, (64, 64), reconstructed=rec, corrected=cor), MapConfig(combine=how))
     peak = int(maps[0].argmax())
     y, x = divmod(peak, 64)
     assert 8 * row <= y < 8 * (row + 1) and 8 * col <= x < 8 * (col + 1), (how, y, x)
@@ -140,7 +141,7 @@ def test_combinations_follow_their_formulas():
     assert p.shape == lat.shape == (2, 1, 64, 64)
 
     def run(how):
-        return anomaly_maps(z0, z0_hat, rec, cor, dataclasses.replace(cfg, combine=how), (64, 64))
+        return anomaly_maps(MapInputs(z0, z0_hat, (64, 64), reconstructed=rec, corrected=cor), dataclasses.replace(cfg, combine=how))
 
     torch.testing.assert_close(run("geometric"), (p * lat).sqrt()[:, 0])
     torch.testing.assert_close(run("arithmetic"), ((p + lat) / 2)[:, 0])
@@ -152,10 +153,10 @@ def test_combinations_follow_their_formulas():
 def test_geometric_mean_needs_both_discrepancies():
     z0, _, rec, cor = _random_case(seed=4)
     # pixel differences only: the geometric mean stays 0, the arithmetic one does not
-    geo = anomaly_maps(z0, z0.clone(), rec, cor, MapConfig(combine="geometric"), (64, 64))
-    ari = anomaly_maps(z0, z0.clone(), rec, cor, MapConfig(combine="arithmetic"), (64, 64))
-    pix = anomaly_maps(z0, z0.clone(), rec, cor, MapConfig(combine="pixel"), (64, 64))
-    lat = anomaly_maps(z0, z0.clone(), rec, cor, MapConfig(combine="latent"), (64, 64))
+    geo = anomaly_maps(MapInputs(z0, z0.clone(), (64, 64), reconstructed=rec, corrected=cor), MapConfig(combine="geometric"))
+    ari = anomaly_maps(MapInputs(z0, z0.clone(), (64, 64), reconstructed=rec, corrected=cor), MapConfig(combine="arithmetic"))
+    pix = anomaly_maps(MapInputs(z0, z0.clone(), (64, 64), reconstructed=rec, corrected=cor), MapConfig(combine="pixel"))
+    lat = anomaly_maps(MapInputs(z0, z0.clone(), (64, 64), reconstructed=rec, corrected=cor), MapConfig(combine="latent"))
     assert bool((geo == 0).all()) and bool((lat == 0).all())
     assert float(pix.max()) > 0.3
     torch.testing.assert_close(ari, pix / 2)
@@ -191,19 +192,19 @@ def test_anomaly_map_clip_before_blur():
     z0 = torch.zeros(1, 4, 8, 8)
     rec = torch.zeros(1, 3, 64, 64)
     cfg = MapConfig(combine="geometric", pixel_clip=0.4, latent_clip=0.2)
-    maps = anomaly_maps(z0, z0 + 5.0, rec, rec + 0.8, cfg, (64, 64))
+    maps = anomaly_maps(MapInputs(z0, z0 + 5.0, (64, 64), reconstructed=rec, corrected=rec + 0.8), cfg)
     torch.testing.assert_close(maps, torch.ones_like(maps))
     # just below the clip it is not 1 (geometric mean of 0.5 and 0.5)
-    half = anomaly_maps(z0, z0 + 0.1, rec, rec + 0.4, cfg, (64, 64))
+    half = anomaly_maps(MapInputs(z0, z0 + 0.1, (64, 64), reconstructed=rec, corrected=rec + 0.4), cfg)
     torch.testing.assert_close(half, torch.full_like(half, 0.5))
 
 
 def test_clip_uses_the_configured_values():
     z0 = torch.zeros(1, 4, 8, 8)
     rec = torch.zeros(1, 3, 64, 64)
-    lat = anomaly_maps(z0, z0 + 0.1, rec, rec, MapConfig(combine="latent", latent_clip=0.5, latent_sigma=0), (64, 64))
+    lat = anomaly_maps(MapInputs(z0, z0 + 0.1, (64, 64), reconstructed=rec, corrected=rec), MapConfig(combine="latent", latent_clip=0.5, latent_sigma=0))
     torch.testing.assert_close(lat, torch.full_like(lat, 0.2))
-    pix = anomaly_maps(z0, z0, rec, rec + 0.2, MapConfig(combine="pixel", pixel_clip=0.2, pixel_sigma=0), (64, 64))
+    pix = anomaly_maps(MapInputs(z0, z0, (64, 64), reconstructed=rec, corrected=rec + 0.2), MapConfig(combine="pixel", pixel_clip=0.2, pixel_sigma=0))
     torch.testing.assert_close(pix, torch.full_like(pix, 0.5))
 
 

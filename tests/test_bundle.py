@@ -32,6 +32,8 @@ from decodiff_cli.denoiser import Denoiser
 from decodiff_cli.latents import fit_scaling
 from decodiff_cli.model import DecoDiffModel
 
+from conftest import as_format_1
+
 CALIB = {"version": 1, "categories": {"tile": {"image_threshold": 0.5, "pixel_threshold": 0.4}}}
 
 
@@ -116,7 +118,7 @@ def test_round_trip_gives_identical_weights_and_outputs(parts, written):
 def test_written_json_is_plain_and_checksums_list_every_file(parts, written):
     config = json.loads((written / CONFIG).read_text())
     assert config == parts[0].to_dict()
-    assert config["format_version"] == 1
+    assert config["format_version"] == 2
     sums = json.loads((written / CHECKSUMS).read_text())
     assert set(sums) == {CONFIG, CALIBRATION, DENOISER, TRAINING_LOG}
     import hashlib
@@ -233,7 +235,7 @@ def test_unknown_config_key_is_a_clear_value_error(copy):
     assert "correction" in str(info.value)
 
 
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [3, 99])
 def test_future_format_version_is_a_clear_value_error(copy, version):
     cfg = json.loads((copy / CONFIG).read_text())
     cfg["format_version"] = version
@@ -242,6 +244,20 @@ def test_future_format_version_is_a_clear_value_error(copy, version):
     with pytest.raises(ValueError, match=f"format version {version} is newer") as info:
         read_bundle(copy)
     assert "upgrade" in str(info.value)
+
+
+def test_a_format_1_config_is_converted_on_read(copy):
+    """decodiff 0.2.0 kept what fit measured among the settings; it moves into ``measured``."""
+    cfg = json.loads((copy / CONFIG).read_text())
+    cfg["measured"] = {"alignment": {"a": 0.3}, "feature_scales": {"a": [1.0, 2.0]}, "novelty_scales": {"a": 0.5},
+                       "class_centroids": {"a": [0.1, 0.2]}}
+    old = as_format_1(cfg)
+    assert "measured" not in old and old["anomaly_map"]["alignment"] == {"a": 0.3}
+    (copy / CONFIG).write_text(json.dumps(old))
+    _rechecksum(copy)
+    config = read_bundle(copy).config
+    assert config.to_dict() == {**cfg, "format_version": 2}
+    assert config.measured.novelty_scales == {"a": 0.5} and config.measured.class_centroids == {"a": [0.1, 0.2]}
 
 
 def test_config_that_is_not_json_is_a_bundle_error(copy):

@@ -17,7 +17,7 @@ from PIL import Image
 from decodiff_cli import __version__
 from decodiff_cli.outputs import RECORD_FIELDS
 
-from conftest import CATEGORY
+from conftest import CATEGORY, as_format_1
 
 COMMANDS = ("fit", "calibrate", "info", "score", "localize", "export-masks", "benchmark")
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
@@ -184,6 +184,17 @@ def test_a_bundle_written_before_the_paper_fields_scores_identically(invoke, bun
     bundle_mod._write_checksums(bundle_copy)
     paper = invoke("score", bundle_copy, *test_images, "--format", "jsonl")
     assert [r["score"] for r in jsonl(paper.stdout)] != [r["score"] for r in jsonl(new.stdout)]
+
+
+def test_a_format_1_bundle_scores_identically(invoke, bundle, bundle_copy, test_images):
+    from decodiff_cli import bundle as bundle_mod
+
+    config = json.loads((bundle_copy / "config.json").read_text())
+    (bundle_copy / "config.json").write_text(json.dumps(as_format_1(config)))
+    bundle_mod._write_checksums(bundle_copy)
+    old, new = (invoke("score", b, *test_images, "--format", "jsonl") for b in (bundle_copy, bundle))
+    assert old.exit_code == new.exit_code == 0, old.output
+    assert [r["score"] for r in jsonl(old.stdout)] == [r["score"] for r in jsonl(new.stdout)]
 
 
 def test_score_jsonl_records(invoke, bundle, category_dir, test_images):

@@ -57,7 +57,7 @@ def test_model_config_round_trips_through_json():
 def test_default_config_round_trips_and_has_every_section():
     d = ModelConfig().to_dict()
     assert set(d) == {f.name for f in dataclasses.fields(ModelConfig)}
-    assert d["format_version"] == FORMAT_VERSION == 1
+    assert d["format_version"] == FORMAT_VERSION == 2
     assert ModelConfig.from_dict(d) == ModelConfig()
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from decodiff_cli.anomaly_map import anomaly_maps, combine, feature_discrepancy, feature_scales, shift_images
+from decodiff_cli.anomaly_map import MapInputs, anomaly_maps, combine, feature_discrepancy, feature_scales, shift_images
 from decodiff_cli.autoencoders.pixel import PixelAutoencoder
 from decodiff_cli.bundle import read_bundle
 from decodiff_cli.config import MapConfig
@@ -48,9 +48,9 @@ def test_feature_term_needs_its_inputs():
     z0 = torch.zeros(1, 4, 8, 8)
     image = torch.zeros(1, 3, 64, 64)
     with pytest.raises(ValueError, match="feature term"):
-        anomaly_maps(z0, z0, image, image, MapConfig(combine="arithmetic", features=True), (64, 64))
+        anomaly_maps(MapInputs(z0, z0, (64, 64), reconstructed=image, corrected=image), MapConfig(combine="arithmetic", features=True))
     with pytest.raises(ValueError, match="third term"):
-        anomaly_maps(z0, z0, image, image, MapConfig(combine="latent", features=True), (64, 64), None, [], torch.zeros(1, 0))
+        anomaly_maps(MapInputs(z0, z0, (64, 64), reconstructed=image, corrected=image, features=[], feature_scales=torch.zeros(1, 0)), MapConfig(combine="latent", features=True))
 
 
 def test_map_features_option_needs_a_mean_of_terms():
@@ -114,9 +114,10 @@ def feature_bundle(tmp_path_factory, category_dir):
 
 
 def test_fit_measures_the_feature_scales_and_scoring_uses_them(feature_bundle, test_images):
-    map_cfg = read_bundle(feature_bundle).config.anomaly_map
-    assert map_cfg.features and len(map_cfg.feature_scales[CATEGORY]) == 3
-    assert all(s > 0 for s in map_cfg.feature_scales[CATEGORY])
+    config = read_bundle(feature_bundle).config
+    map_cfg, measured = config.anomaly_map, config.measured
+    assert map_cfg.features and len(measured.feature_scales[CATEGORY]) == 3
+    assert all(s > 0 for s in measured.feature_scales[CATEGORY])
     with_features = list(Detector.load(feature_bundle, device="cpu").predict(test_images[:3]))
     assert all(p.error is None for p in with_features)
     without = Detector.load(feature_bundle, device="cpu")
@@ -181,8 +182,8 @@ def test_shifted_view_averages_two_maps_only_for_unaligned_classes(feature_bundl
     second = model.infer(shift_images(images, d)).maps
     assert torch.allclose(shifted.maps, (plain + shift_images(second[:, None], -d)[:, 0]) / 2, atol=1e-5)
     # An aligned class with its own reference keeps the single view.
-    model.cfg.anomaly_map = dataclasses.replace(model.cfg.anomaly_map, shifted_view=True, reference="position",
-                                                alignment={CATEGORY: 0.1})
+    model.cfg.anomaly_map = dataclasses.replace(model.cfg.anomaly_map, shifted_view=True, reference="position")
+    model.cfg.measured = dataclasses.replace(model.cfg.measured, alignment={CATEGORY: 0.1})
     model.reference = torch.stack([torch.zeros(8, 8), torch.ones(8, 8)])[None]
     with_reference = model.infer(images).maps
     model.cfg.anomaly_map.shifted_view = False

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from decodiff_cli.anomaly_map import alignment, anomaly_maps, identity_reference, latent_discrepancy, normal_reference
+from decodiff_cli.anomaly_map import MapInputs, alignment, anomaly_maps, identity_reference, latent_discrepancy, normal_reference
 from decodiff_cli.bundle import REFERENCE, BundleError, _save_tensors, _write_checksums, load_networks, read_bundle
 from decodiff_cli.config import ALIGNED_BELOW, MapConfig
 from decodiff_cli.detector import Detector
@@ -51,11 +51,11 @@ def test_anomaly_maps_check_the_reference():
     z0 = torch.zeros(1, 4, 8, 8)
     cfg = MapConfig(combine="latent", reference="position")
     with pytest.raises(ValueError, match="normal statistics"):
-        anomaly_maps(z0, z0, None, None, cfg, (8, 8))
+        anomaly_maps(MapInputs(z0, z0, (8, 8)), cfg)
     with pytest.raises(ValueError, match="unknown map reference"):
-        anomaly_maps(z0, z0, None, None, dataclasses.replace(cfg, reference="pixelwise"), (8, 8), torch.zeros(1, 2, 8, 8))
+        anomaly_maps(MapInputs(z0, z0, (8, 8), reference=torch.zeros(1, 2, 8, 8)), dataclasses.replace(cfg, reference="pixelwise"))
     # "none" ignores a reference it is handed: the paper's map
-    plain = anomaly_maps(z0, z0 + 0.1, None, None, MapConfig(combine="latent"), (8, 8), torch.ones(1, 2, 8, 8))
+    plain = anomaly_maps(MapInputs(z0, z0 + 0.1, (8, 8), reference=torch.ones(1, 2, 8, 8)), MapConfig(combine="latent"))
     assert torch.allclose(plain, torch.full_like(plain, 0.2))
 
 
@@ -123,9 +123,9 @@ def test_identity_reference_gives_the_papers_map():
     cfg = MapConfig(combine="latent")
     z0 = torch.randn(3, 4, 8, 8)
     z0_hat = z0 + 0.4 * torch.randn(3, 4, 8, 8)
-    plain = anomaly_maps(z0, z0_hat, None, None, cfg, (32, 32))
+    plain = anomaly_maps(MapInputs(z0, z0_hat, (32, 32)), cfg)
     identity = identity_reference(cfg, (8, 8))[None].expand(3, -1, -1, -1)
-    with_identity = anomaly_maps(z0, z0_hat, None, None, dataclasses.replace(cfg, reference="position"), (32, 32), identity)
+    with_identity = anomaly_maps(MapInputs(z0, z0_hat, (32, 32), reference=identity), dataclasses.replace(cfg, reference="position"))
     assert torch.allclose(plain, with_identity, atol=1e-4)
 
 
@@ -152,7 +152,8 @@ def test_auto_reference_is_per_class(tmp_path):
     detector = Detector.load(tmp_path / "model", device="cpu")
     map_cfg = detector.bundle.config.anomaly_map
     assert map_cfg.reference == "position"
-    assert map_cfg.alignment["aligned"] < ALIGNED_BELOW <= map_cfg.alignment["shuffled"]
+    measured = detector.bundle.config.measured
+    assert measured.alignment["aligned"] < ALIGNED_BELOW <= measured.alignment["shuffled"]
     reference = detector.model.reference
     assert torch.allclose(reference[1], identity_reference(map_cfg, (8, 8)))
     assert not torch.allclose(reference[0], identity_reference(map_cfg, (8, 8)))
@@ -169,7 +170,7 @@ def test_auto_reference_off_when_no_class_is_aligned(category_dir, tmp_path):
     bundle = read_bundle(tmp_path / "model")
     # make_dataset's tiles are textures at random phase: not aligned, so no reference file
     assert bundle.config.anomaly_map.reference == "none" and not (tmp_path / "model" / REFERENCE).exists()
-    assert bundle.config.anomaly_map.alignment[CATEGORY] >= ALIGNED_BELOW
+    assert bundle.config.measured.alignment[CATEGORY] >= ALIGNED_BELOW
 
 
 def test_info_says_the_map_uses_a_reference(invoke, reference_bundle):

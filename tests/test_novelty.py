@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from decodiff_cli import novelty
-from decodiff_cli.anomaly_map import anomaly_maps
+from decodiff_cli.anomaly_map import MapInputs, anomaly_maps
 from decodiff_cli.bundle import NORMAL_LATENTS, BundleError, load_normal_latents, read_bundle
 from decodiff_cli.config import MapConfig
 from decodiff_cli.detector import Detector
 from decodiff_cli.novelty import nearest_distance, neighbourhood, normal_bank, novelty_scale
 from decodiff_cli.presets import build_config
 
-from conftest import CATEGORY, tiny_config
+from conftest import CATEGORY, as_format_1, tiny_config
 
 
 def _texture(n: int, seed: int = 0) -> torch.Tensor:
@@ -89,17 +89,16 @@ def test_scale_is_the_99th_percentile_against_the_other_images():
 def test_the_novelty_term_is_half_of_the_map():
     z0 = torch.randn(2, 4, 8, 8)
     cfg = MapConfig(combine="latent", latent_clip=1.0)
-    plain = anomaly_maps(z0, z0 * 0.9, None, None, cfg, (32, 32))
+    plain = anomaly_maps(MapInputs(z0, z0 * 0.9, (32, 32)), cfg)
     distances = torch.zeros(2, 1, 8, 8)
     distances[0, 0, 2:4, 2:4] = 10.0  # beyond the clip: saturates
-    with_novelty = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, novelty=True, latent_sigma=0.0),
-                                (32, 32), novelty=distances)
-    plain_sharp = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, latent_sigma=0.0), (32, 32))
+    with_novelty = anomaly_maps(MapInputs(z0, z0 * 0.9, (32, 32), novelty=distances), dataclasses.replace(cfg, novelty=True, latent_sigma=0.0))
+    plain_sharp = anomaly_maps(MapInputs(z0, z0 * 0.9, (32, 32)), dataclasses.replace(cfg, latent_sigma=0.0))
     assert torch.allclose(with_novelty[1], plain_sharp[1] / 2, atol=1e-6)  # no novelty: the map halves
     assert with_novelty[0, 12, 12] == pytest.approx(float(plain_sharp[0, 12, 12] + 1) / 2, abs=1e-5)
     assert plain.shape == with_novelty.shape
     with pytest.raises(ValueError, match="novelty term needs"):
-        anomaly_maps(z0, z0, None, None, dataclasses.replace(cfg, novelty=True), (32, 32))
+        anomaly_maps(MapInputs(z0, z0, (32, 32)), dataclasses.replace(cfg, novelty=True))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +119,7 @@ def novelty_bundle(tmp_path_factory, category_dir):
 def test_fit_stores_the_normal_latents_and_scoring_uses_them(novelty_bundle, test_images):
     bundle = read_bundle(novelty_bundle)
     map_cfg = bundle.config.anomaly_map
-    assert map_cfg.novelty and map_cfg.novelty_scales[CATEGORY] > 0
+    assert map_cfg.novelty and bundle.config.measured.novelty_scales[CATEGORY] > 0
     banks = load_normal_latents(bundle)
     assert list(banks) == [CATEGORY] and banks[CATEGORY].shape == (100, bundle.config.denoiser.latent_channels)
     detector = Detector.load(novelty_bundle, device="cpu")
@@ -129,6 +128,23 @@ def test_fit_stores_the_normal_latents_and_scoring_uses_them(novelty_bundle, tes
     detector.model.cfg = dataclasses.replace(detector.model.cfg, anomaly_map=MapConfig(combine="arithmetic"))
     plain = list(detector.predict(test_images[:3]))
     assert any(abs(a.score - b.score) > 1e-6 for a, b in zip(with_novelty, plain))
+
+
+def test_a_format_1_bundle_scores_identically(novelty_bundle, test_images, tmp_path):
+    """A bundle of decodiff 0.2.0 (the novelty scales among the map's settings) is converted on read."""
+    import json
+    import shutil
+
+    from decodiff_cli import bundle as bundle_mod
+
+    old = tmp_path / "old"
+    shutil.copytree(novelty_bundle, old)
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps(as_format_1(config)))
+    bundle_mod._write_checksums(old)
+    assert read_bundle(old).config == read_bundle(novelty_bundle).config
+    scores = [[p.score for p in Detector.load(b, device="cpu").predict(test_images[:3])] for b in (old, novelty_bundle)]
+    assert scores[0] == scores[1] and all(s == s for s in scores[0])
 
 
 def test_a_bundle_without_its_normal_latents_is_refused(novelty_bundle, tmp_path):
@@ -145,7 +161,7 @@ def test_each_class_is_measured_against_its_own_normal_latents(novelty_bundle):
     model = Detector.load(novelty_bundle, device="cpu").model
     near = torch.zeros(4, model.cfg.denoiser.latent_channels)
     model.cfg = dataclasses.replace(model.cfg, categories=["a", "b"])
-    model.cfg.anomaly_map = dataclasses.replace(model.cfg.anomaly_map, novelty_scales={"a": 1.0, "b": 2.0})
+    model.cfg.measured = dataclasses.replace(model.cfg.measured, novelty_scales={"a": 1.0, "b": 2.0})
     model.normal_latents = {"a": near, "b": near + 3.0}
     z0 = torch.zeros(2, model.cfg.denoiser.latent_channels, 4, 4)
     distances = model._novelty(z0, torch.tensor([0, 1]))
@@ -178,10 +194,9 @@ def test_the_novelty_weight_sets_the_terms_shares():
     z0 = torch.randn(1, 4, 8, 8)
     cfg = MapConfig(combine="latent", latent_clip=1.0, latent_sigma=0.0, novelty=True)
     distances = torch.full((1, 1, 8, 8), 10.0)  # beyond the clip everywhere: the term is 1
-    correction = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, novelty=False), (32, 32))
+    correction = anomaly_maps(MapInputs(z0, z0 * 0.9, (32, 32)), dataclasses.replace(cfg, novelty=False))
     for weight in (0.0, 2 / 3, 1.0):
-        mixed = anomaly_maps(z0, z0 * 0.9, None, None, dataclasses.replace(cfg, novelty_weight=weight), (32, 32),
-                             novelty=distances)
+        mixed = anomaly_maps(MapInputs(z0, z0 * 0.9, (32, 32), novelty=distances), dataclasses.replace(cfg, novelty_weight=weight))
         assert torch.allclose(mixed, (1 - weight) * correction + weight, atol=1e-6)
 
 

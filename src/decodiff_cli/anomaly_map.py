@@ -7,11 +7,12 @@ input image itself), so that the autoencoder's own reconstruction error cancels 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from decodiff_cli.config import ALIGNED_BELOW, COMBINATIONS, PIXEL_SCALES, REFERENCES, MapConfig
+from decodiff_cli.config import COMBINATIONS, PIXEL_SCALES, MapConfig
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -73,13 +74,6 @@ def alignment(latents: torch.Tensor) -> float:
     per_position = latents.std(dim=0).mean(dim=(1, 2))
     overall = latents.transpose(0, 1).flatten(1).std(dim=1)
     return float((per_position / overall.clamp_min(1e-8)).mean())
-
-
-def has_own_reference(cfg: MapConfig, name: str) -> bool:
-    """Whether the map measures this class against its own normal reference: not with
-    reference "none", nor for a class that "auto" measured as unaligned (no alignment
-    measured: "position" was asked for, every class has one)."""
-    return cfg.reference != "none" and cfg.alignment.get(name, 0.0) < ALIGNED_BELOW
 
 
 def shift_images(images: torch.Tensor, d: int) -> torch.Tensor:
@@ -149,53 +143,66 @@ def combine(terms: list[torch.Tensor], how: str) -> torch.Tensor:
     raise ValueError(f"unknown map combination {how!r}; choose one of {', '.join(COMBINATIONS)}")
 
 
-def anomaly_maps(
-    z0: torch.Tensor,
-    z0_hat: torch.Tensor,
-    reconstructed: torch.Tensor | None,
-    corrected: torch.Tensor | None,
-    cfg: MapConfig,
-    size: tuple[int, int],
-    reference: torch.Tensor | None = None,
-    features: list[torch.Tensor] | None = None,
-    scales: torch.Tensor | None = None,
-    novelty: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(N, H, W) maps in [0, 1]. The decoded images are only needed when the pixel term is
-    used; the (N, 2, h, w) normal reference only when ``cfg.reference`` is not "none"; the
-    per-level feature differences and their (N, levels) scales only with ``cfg.features``;
-    the (N, 1, h, w) nearest-normal distances, in units of their normal scale, only with
-    ``cfg.novelty``."""
-    terms = []
-    if cfg.combine != "latent":
-        terms.append(pixel_discrepancy(corrected.float(), reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma,
-                                       cfg.pixel_scale))
-    if cfg.combine != "pixel":
-        if cfg.reference not in REFERENCES:
-            raise ValueError(f"unknown map reference {cfg.reference!r}; choose one of {', '.join(REFERENCES)}")
-        if cfg.reference == "none":
-            reference = None
-        elif reference is None:
-            raise ValueError(f"map reference {cfg.reference!r} needs the normal statistics stored at fit time")
-        clip = cfg.latent_clip if reference is None else cfg.reference_clip
-        terms.append(latent_discrepancy(z0_hat.float(), z0.float(), clip, cfg.latent_sigma, size, reference))
-    if cfg.features:
-        if cfg.combine in ("pixel", "latent"):
-            raise ValueError(f"the feature term is a third term of an arithmetic or geometric map, not of a {cfg.combine!r} one")
-        if features is None or scales is None:
-            raise ValueError("the map's feature term needs the decoder's features and their scales from fit time")
-        terms.append(feature_discrepancy(features, scales, cfg.feature_clip, size))
-    maps = combine(terms, cfg.combine)
+@dataclass
+class MapInputs:
+    """What one batch offers the map. The decoded images are needed by the pixel term only;
+    the (N, 2, h, w) normal reference by the latent term when the map has one; the per-level
+    feature differences and their (N, levels) scales by the feature term; the (N, 1, h, w)
+    nearest-normal distances, in units of their normal scale, by the novelty term."""
+
+    z0: torch.Tensor  # (N, C, h, w) the input's latent
+    z0_hat: torch.Tensor  # its correction
+    size: tuple[int, int]  # (H, W) of the map
+    reconstructed: torch.Tensor | None = None  # (N, 3, H, W) D(z0)
+    corrected: torch.Tensor | None = None  # D(z0_hat)
+    reference: torch.Tensor | None = None
+    features: list[torch.Tensor] | None = None
+    feature_scales: torch.Tensor | None = None
+    novelty: torch.Tensor | None = None
+
+
+def _pixel_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
+    return pixel_discrepancy(x.corrected.float(), x.reconstructed.float(), cfg.pixel_clip, cfg.pixel_sigma, cfg.pixel_scale)
+
+
+def _latent_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
+    reference = None if cfg.reference == "none" else x.reference  # "none": the paper's map, whatever is handed
+    if cfg.reference != "none" and reference is None:
+        raise ValueError(f"map reference {cfg.reference!r} needs the normal statistics stored at fit time")
+    clip = cfg.latent_clip if reference is None else cfg.reference_clip
+    return latent_discrepancy(x.z0_hat.float(), x.z0.float(), clip, cfg.latent_sigma, x.size, reference)
+
+
+def _feature_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
+    if x.features is None or x.feature_scales is None:
+        raise ValueError("the map's feature term needs the decoder's features and their scales from fit time")
+    return feature_discrepancy(x.features, x.feature_scales, cfg.feature_clip, x.size)
+
+
+def _novelty_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
+    if x.novelty is None:
+        raise ValueError("the map's novelty term needs the nearest-normal distances and the normal latents from fit time")
+    return novelty_discrepancy(x.novelty, cfg.novelty_clip, cfg.latent_sigma, x.size)
+
+
+# The correction map's terms (MapConfig.correction_terms says which are in use): a new term
+# is a function here and a name there.
+TERMS = {"pixel": _pixel_term, "latent": _latent_term, "features": _feature_term}
+
+
+def anomaly_maps(inputs: MapInputs, cfg: MapConfig) -> torch.Tensor:
+    """(N, H, W) maps in [0, 1]: the mean (``cfg.combine``) of the correction terms, then,
+    with ``cfg.novelty``, a weighted sum of that map and the novelty term."""
+    cfg.validate()
+    maps = combine([TERMS[name](inputs, cfg) for name in cfg.correction_terms()], cfg.combine)
     if cfg.novelty:
-        if novelty is None:
-            raise ValueError("the map's novelty term needs the nearest-normal distances and the normal latents from fit time")
-        term = novelty_discrepancy(novelty, cfg.novelty_clip, cfg.latent_sigma, size)
-        maps = (1 - cfg.novelty_weight) * maps + cfg.novelty_weight * term
+        maps = (1 - cfg.novelty_weight) * maps + cfg.novelty_weight * _novelty_term(inputs, cfg)
     return maps[:, 0].clamp(0, 1)
 
 
 def needs_decoder(cfg: MapConfig) -> bool:
-    return cfg.combine != "latent" or cfg.features
+    """Whether a term of the map reads decoded images or decoder features."""
+    return any(name in ("pixel", "features") for name in cfg.correction_terms())
 
 
 def image_scores(maps: torch.Tensor, top_fraction: float = 0.0) -> torch.Tensor:

@@ -205,7 +205,7 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
         ("training", describe_training(c.train)),
         ("replay", replay_options(c.train)),
         ("correction", f"t={c.correction.timesteps()} strategy {c.correction.strategy}"),
-        ("map", _describe_map(c.anomaly_map)),
+        ("map", _describe_map(c.anomaly_map, c.measured.alignment)),
         ("latent scaling", c.latent_scaling.kind + (f" x{c.latent_scaling.factor}" if c.latent_scaling.kind == "factor" else "")),
         ("files", ", ".join(f"{n} ({s / 2**20:.1f} MiB)" for n, s in b.files().items())),
     ]
@@ -241,7 +241,7 @@ def replay_options(t) -> str:
     return text + f" --views {t.augment_variants} --seed {t.seed}"
 
 
-def _describe_map(m) -> str:
+def _describe_map(m, alignment: dict[str, float]) -> str:
     scale = "the decoder's [-1, 1] scale" if m.pixel_scale == "decoder" else "[0, 1] units"
     text = f"{m.combine}, pixel clip {m.pixel_clip} on {scale} (blur {m.pixel_sigma:g}), "
     if m.reference == "none":
@@ -256,6 +256,6 @@ def _describe_map(m) -> str:
     if m.shifted_view:
         text += "; shifted view for unaligned classes"
     text += f"; image score: mean of the top {m.score_top_fraction:.1%}" if m.score_top_fraction else "; image score: maximum"
-    if m.alignment:
-        text += "; alignment " + ", ".join(f"{name} {value:.2f}" for name, value in m.alignment.items())
+    if alignment:
+        text += "; alignment " + ", ".join(f"{name} {value:.2f}" for name, value in alignment.items())
     return text

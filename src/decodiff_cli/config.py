@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: what fit measured moved from the settings into ModelConfig.measured
 
 
 @dataclass
@@ -60,7 +60,7 @@ COMBINATIONS = ("geometric", "arithmetic", "pixel", "latent")
 PIXEL_SCALES = ("unit", "decoder")
 REFERENCES = ("none", "position")  # in a bundle
 FIT_REFERENCES = REFERENCES + ("auto",)  # as a fit option
-ALIGNED_BELOW = 0.6  # "auto": anomaly_map.alignment of MVTec bottle 0.37, of (unaligned) magnetic tiles 0.93
+ALIGNED_BELOW = 0.6  # "auto": below this anomaly_map.alignment a class is aligned (figures: docs/results.md)
 
 
 @dataclass
@@ -86,7 +86,6 @@ class MapConfig:
     # per-position statistics mean nothing where positions do not correspond.
     reference: str = "none"  # none | position (| auto, before fitting)
     reference_clip: float = 6.0  # in z-score units; replaces latent_clip when reference is on
-    alignment: dict[str, float] = field(default_factory=dict)  # per class, measured by "auto"
     # Beyond the paper: a third term, the difference between the decoder's feature maps of
     # the correction and of the input (at each upsampling step), in units of its 99th
     # percentile on normal training images (measured at fit time, per class and level).
@@ -94,7 +93,6 @@ class MapConfig:
     # weighs well. Needs an autoencoder with a decoder (not the pixel backend).
     features: bool = False
     feature_clip: float = 2.0  # in units of the normal 99th percentile
-    feature_scales: dict[str, list[float]] = field(default_factory=dict)  # per class, coarse to fine
     # Beyond the paper: for classes without their own normal reference (unaligned ones),
     # also score a copy of the image shifted by half a latent pixel and average the two
     # maps (the second shifted back). Where the autoencoder's grid falls changes how the
@@ -113,11 +111,38 @@ class MapConfig:
     # (novelty.covering): 64k costs ~0.23 s per image on one CPU thread and 4 MiB per class
     # (fp16, 32 latent channels); the cost grows linearly.
     novelty_bank: int = 65536
-    novelty_scales: dict[str, float] = field(default_factory=dict)  # per class
     # Beyond the paper: the image score is the mean of the map over its highest
     # ``score_top_fraction`` of pixels; 0 is the map's maximum (the paper's). A mean over
     # an area is steadier than one pixel, and sees defects that are large but faint.
     score_top_fraction: float = 0.0
+
+    def correction_terms(self) -> list[str]:
+        """The terms the correction map is the mean of (anomaly_map.TERMS), in order: a
+        one-term map ("pixel", "latent") is that term alone."""
+        terms = [name for name, wanted in (("pixel", self.combine != "latent"), ("latent", self.combine != "pixel"))
+                 if wanted]
+        return terms + ["features"] if self.features else terms
+
+    def validate(self, before_fit: bool = False) -> None:
+        """The rules between the map's settings, in one place: checked when fit options are
+        resolved (``before_fit``: "auto" is still a reference) and whenever a map is made."""
+        if self.combine not in COMBINATIONS:
+            raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {self.combine!r}")
+        references = FIT_REFERENCES if before_fit else REFERENCES
+        if self.reference not in references:
+            raise ValueError(f"unknown map reference {self.reference!r}: --map-reference must be one of "
+                             f"{', '.join(references)}")
+        if self.pixel_scale not in PIXEL_SCALES:
+            raise ValueError(f"pixel_scale must be one of {', '.join(PIXEL_SCALES)}, not {self.pixel_scale!r}")
+        if self.features and self.combine in ("pixel", "latent"):
+            raise ValueError(f"--map-features: the feature term is a third term of an arithmetic or geometric map, "
+                             f"not of --map {self.combine}")
+        if self.novelty_bank < 1:
+            raise ValueError(f"--novelty-bank must be at least 1, not {self.novelty_bank}")
+        if not 0 <= self.novelty_weight <= 1:
+            raise ValueError(f"--novelty-weight must be between 0 and 1, not {self.novelty_weight}")
+        if not 0 <= self.score_top_fraction < 1:
+            raise ValueError(f"--score-top must be at least 0 and below 1, not {self.score_top_fraction}")
 
 
 @dataclass
@@ -191,6 +216,21 @@ class TrainConfig:
 
 
 @dataclass
+class FitStatistics:
+    """What ``fit`` measured on the training images, apart from what the user chose; the
+    map and the class guess read these (per class name)."""
+
+    # "auto" reference: how well positions correspond (anomaly_map.alignment); empty when
+    # the reference was chosen, not measured
+    alignment: dict[str, float] = field(default_factory=dict)
+    feature_scales: dict[str, list[float]] = field(default_factory=dict)  # the feature term's units, coarse to fine
+    novelty_scales: dict[str, float] = field(default_factory=dict)  # the novelty term's unit
+    # the mean normalised training latent pooled over space: a nearest-centroid guess of an
+    # image's category when nobody names it (models of several classes)
+    class_centroids: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
 class ModelConfig:
     """Everything a bundle needs to score: written to ``config.json``."""
 
@@ -203,14 +243,18 @@ class ModelConfig:
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     categories: list[str] = field(default_factory=list)
-    # Per category, the mean of its normalised training latents pooled over space: a
-    # nearest-centroid guess of an image's category when nobody names it.
-    class_centroids: dict[str, list[float]] = field(default_factory=dict)
+    measured: FitStatistics = field(default_factory=FitStatistics)
     format_version: int = FORMAT_VERSION
     decodiff_version: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def has_own_reference(self, name: str) -> bool:
+        """Whether the map measures class ``name`` against its own normal reference: not
+        with reference "none", nor for a class that "auto" measured as unaligned (no
+        alignment measured: "position" was asked for, every class has one)."""
+        return self.anomaly_map.reference != "none" and self.measured.alignment.get(name, 0.0) < ALIGNED_BELOW
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
@@ -221,7 +265,24 @@ class ModelConfig:
                 f"bundle format version {version} is newer than this decodiff understands "
                 f"({FORMAT_VERSION}); upgrade decodiff"
             )
-        return _build(cls, data, "config")
+        return _build(cls, _upgrade(data) if version < FORMAT_VERSION else data, "config")
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 (decodiff 0.2.0 and earlier kept what fit measured among the settings) -> 2: the
+    measured fields move into ``measured``; nothing else changes, so scores stay identical."""
+    data = {**data, "format_version": FORMAT_VERSION}
+    map_cfg = dict(data.get("anomaly_map", {})) if isinstance(data.get("anomaly_map"), dict) else data.get("anomaly_map")
+    measured = {}
+    if isinstance(map_cfg, dict):
+        for key in ("alignment", "feature_scales", "novelty_scales"):
+            if key in map_cfg:
+                measured[key] = map_cfg.pop(key)
+        data["anomaly_map"] = map_cfg
+    if "class_centroids" in data:
+        measured["class_centroids"] = data.pop("class_centroids")
+    data.setdefault("measured", measured)
+    return data
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -246,6 +307,7 @@ _DATACLASSES = {
         ScheduleConfig,
         CorrectionConfig,
         MapConfig,
+        FitStatistics,
         LatentScaling,
         AutoencoderConfig,
         DenoiserConfig,

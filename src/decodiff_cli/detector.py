@@ -13,7 +13,7 @@ with ``error`` set (and no map) instead of stopping the batch.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,7 +23,7 @@ from PIL import Image
 
 from decodiff_cli.bundle import Bundle, load_networks, load_normal_latents, read_bundle
 from decodiff_cli.images import ImageReadError, ImageSource, load_image, map_to_original
-from decodiff_cli.model import DecoDiffModel, Inference
+from decodiff_cli.model import DecoDiffModel, Inference, InferenceOptions
 
 
 @dataclass
@@ -87,29 +87,30 @@ class Detector:
                 return part
         return None
 
-    def infer(self, tensors: torch.Tensor, category: str | None, steps: int | None = None, keep_corrected: bool = False) -> Inference:
+    def infer(self, tensors: torch.Tensor, category: str | None, options: InferenceOptions | None = None) -> Inference:
         """Model-space inference for one category, or (None) for the category each image
-        most likely belongs to (see ``guess_categories``)."""
+        most likely belongs to (see ``guess_categories``); ``options.category`` is not read."""
+        options = options or InferenceOptions()
         if category is not None:
-            out = self.model.infer(tensors, self._labels(category, len(tensors)), steps, keep_corrected)
+            out = self.model.infer(tensors, self._labels(category, len(tensors)), options)
             out.categories = [category] * len(tensors)
             return out
         if len(self.categories) == 1:
-            return self.infer(tensors, self.categories[0], steps, keep_corrected)
+            return self.infer(tensors, self.categories[0], options)
         began = time.perf_counter()
         z0 = self.model.encode(tensors)
         encode_s = time.perf_counter() - began  # model.infer is handed z0, so it cannot time this
-        guesses = self.guess_categories(z0, tensors, steps)
+        guesses = self.guess_categories(z0, tensors, options.steps)
         if not self.class_conditional:  # one denoiser pass serves every category
             ids = torch.tensor([self.categories.index(g) for g in guesses])
-            out = self.model.infer(tensors, ids, steps, keep_corrected, z0=z0)
+            out = self.model.infer(tensors, ids, options, z0=z0)
             out.categories = guesses
             out.timings["encode"] = out.timings.get("encode", 0.0) + encode_s
             return out
         parts = []
         for name in dict.fromkeys(guesses):
             rows = torch.tensor([i for i, g in enumerate(guesses) if g == name])
-            parts.append((rows, self.model.infer(tensors[rows], self._labels(name, len(rows)), steps, keep_corrected, z0=z0[rows])))
+            parts.append((rows, self.model.infer(tensors[rows], self._labels(name, len(rows)), options, z0=z0[rows])))
         order = torch.cat([rows for rows, _ in parts]).argsort()
 
         def merged(attr: str) -> torch.Tensor | None:
@@ -125,13 +126,13 @@ class Detector:
         """Nearest class centroid of the pooled latent (stored at fit time). Why not "the
         class under which the image looks most normal": an anomalous image is, by
         definition, abnormal under its own class, and often looks less so under another."""
-        centroids = self.bundle.config.class_centroids
+        centroids = self.bundle.config.measured.class_centroids
         if set(centroids) == set(self.categories):
             table = torch.tensor([centroids[name] for name in self.categories])
             pooled = z0.float().mean(dim=(2, 3)).cpu()
             return [self.categories[i] for i in torch.cdist(pooled, table).argmin(dim=1).tolist()]
         # Bundles without centroids: the lowest score relative to each class's threshold.
-        normalized = torch.stack([self.infer(tensors, name, steps).scores / self._threshold(name, "image_threshold")
+        normalized = torch.stack([self.infer(tensors, name, InferenceOptions(steps=steps)).scores / self._threshold(name, "image_threshold")
                                   for name in self.categories])
         return [self.categories[i] for i in normalized.argmin(dim=0).tolist()]
 
@@ -145,28 +146,23 @@ class Detector:
             raise ValueError(f"the bundle has no calibrated {key.replace('_', ' ')} for class {category!r}; "
                              "run `decodiff calibrate` or pass --threshold") from None
 
-    def predict(
-        self,
-        sources: Iterable[ImageSource],
-        category: str | None = None,
-        steps: int | None = None,
-        keep_corrected: bool = False,
-        threshold: float | None = None,
-        pixel_threshold: float | None = None,
-    ) -> Iterator[Prediction]:
-        """Yield one Prediction per source, in order, batching internally."""
-        if category is not None:
-            self.check_category(category)
+    def predict(self, sources: Iterable[ImageSource], options: InferenceOptions | None = None, **choices) -> Iterator[Prediction]:
+        """Yield one Prediction per source, in order, batching internally. ``choices``: fields
+        of InferenceOptions (``category=``, ``steps=``, ``threshold=`` ...), over ``options``."""
+        options = replace(options or InferenceOptions(), **choices)
+        if options.category is not None:
+            self.check_category(options.category)
         batch: list[tuple[ImageSource, object]] = []
         for source in sources:
             batch.append((source, None))
             if len(batch) == self.batch_size:
-                yield from self._predict_batch(batch, category, steps, keep_corrected, threshold, pixel_threshold)
+                yield from self._predict_batch(batch, options)
                 batch = []
         if batch:
-            yield from self._predict_batch(batch, category, steps, keep_corrected, threshold, pixel_threshold)
+            yield from self._predict_batch(batch, options)
 
-    def _predict_batch(self, batch, category, steps, keep_corrected, threshold, pixel_threshold) -> Iterator[Prediction]:
+    def _predict_batch(self, batch, options: InferenceOptions) -> Iterator[Prediction]:
+        category, threshold, pixel_threshold = options.category, options.threshold, options.pixel_threshold
         pre = self.bundle.config.preprocess
         loaded: list = []
         for source, _ in batch:
@@ -183,7 +179,7 @@ class Detector:
             groups.setdefault(category or self.category_from_path(path), []).append(index)
         for name, members in groups.items():
             tensors = torch.stack([good[i][1].tensor for i in members])
-            out = self.infer(tensors, name, steps, keep_corrected)
+            out = self.infer(tensors, name, options)
             chosen = out.categories
             for row, i in enumerate(members):
                 path, image = good[i]

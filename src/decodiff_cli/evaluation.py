@@ -12,6 +12,7 @@ import torch
 from decodiff_cli.benchmark import NATIVE, PROTOCOLS, to_protocol
 from decodiff_cli.detector import Detector
 from decodiff_cli.images import load_image, map_to_original
+from decodiff_cli.model import InferenceOptions
 
 
 class BundlePredictor:
@@ -53,7 +54,8 @@ class BundlePredictor:
         for start in range(0, len(paths), size):
             images = [load_image(p, pre) for p in paths[start : start + size]]
             began = time.perf_counter()
-            out = self.detector.infer(torch.stack([im.tensor for im in images]), model_category, self.steps)
+            out = self.detector.infer(torch.stack([im.tensor for im in images]), model_category,
+                                      InferenceOptions(steps=self.steps))
             elapsed = time.perf_counter() - began
             if self.warm:  # the first batch pays for allocation and kernel selection
                 self.timed_images += len(images)

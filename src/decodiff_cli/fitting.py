@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from decodiff_cli import __version__
-from decodiff_cli.anomaly_map import (alignment, feature_scales, has_own_reference, identity_reference, latent_difference,
-                                      normal_reference)
+from decodiff_cli.anomaly_map import alignment, feature_scales, identity_reference, latent_difference, normal_reference
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
@@ -102,8 +101,8 @@ def after_training_seconds(cfg: ModelConfig, autoencoder, device, holdout: dict[
     timing = copy.deepcopy(cfg)
     map_cfg = timing.anomaly_map
     map_cfg.reference = "none"  # statistics not measured yet; the z-score costs nothing extra
-    map_cfg.feature_scales = {name: [1.0] * len(autoencoder.feature_stages()) for name in categories}
-    map_cfg.novelty_scales = {name: 1.0 for name in categories}
+    timing.measured.feature_scales = {name: [1.0] * len(autoencoder.feature_stages()) for name in categories}
+    timing.measured.novelty_scales = {name: 1.0 for name in categories}
     denoiser = Denoiser(timing.denoiser)
     model = DecoDiffModel(timing, autoencoder, denoiser, device, normal_latents=banks)
     items = [(categories.index(name), path) for name, paths in sorted(holdout.items()) for path in paths]
@@ -118,7 +117,7 @@ def after_training_seconds(cfg: ModelConfig, autoencoder, device, holdout: dict[
 
     map_cfg = cfg.anomaly_map
     reference_images = sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
-                           if map_cfg.features or has_own_reference(map_cfg, name))
+                           if map_cfg.features or cfg.has_own_reference(name))
     if reference_images:
         z0 = _first_views(cache, torch.arange(min(2, cache.num_images)), model.scaler).to(model.device)
         clock = time.monotonic()
@@ -170,7 +169,7 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
     use_reference = map_cfg.reference != "none"
     references, scales = [], {}
     for index, name in enumerate(categories):
-        own_reference = has_own_reference(map_cfg, name)
+        own_reference = model.cfg.has_own_reference(name)
         differences, levels = [], []
         if own_reference or map_cfg.features:
             for z0 in _first_views(cache, _spread_rows(labels, index), model.scaler).to(model.device).split(16):
@@ -340,12 +339,12 @@ def fit(
         first_views = cache.means(first_views)
         cfg.latent_scaling = fit_scaling(first_views, cfg.latent_scaling.kind, cfg.latent_scaling.factor)
     if len(categories) > 1:
-        cfg.class_centroids = class_centroids(cache, labels, categories, LatentScaler(cfg.latent_scaling))
+        cfg.measured.class_centroids = class_centroids(cache, labels, categories, LatentScaler(cfg.latent_scaling))
     if cfg.anomaly_map.reference == "auto":
-        cfg.anomaly_map.alignment = class_alignment(cache, labels, categories, LatentScaler(cfg.latent_scaling))
-        aligned = [name for name in categories if has_own_reference(cfg.anomaly_map, name)]
+        cfg.measured.alignment = class_alignment(cache, labels, categories, LatentScaler(cfg.latent_scaling))
+        aligned = [name for name in categories if cfg.has_own_reference(name)]
         cfg.anomaly_map.reference = "position" if aligned else "none"
-        emit("alignment", {"alignment": cfg.anomaly_map.alignment, "aligned": aligned})
+        emit("alignment", {"alignment": cfg.measured.alignment, "aligned": aligned})
 
     # The novelty term's normal latents need no trained model: stored before training, so
     # that a time budget knows what is left after it.
@@ -353,7 +352,7 @@ def fit(
     if main and cfg.anomaly_map.novelty:
         emit("novelty", {"images": len(labels)})
         scaler = LatentScaler(cfg.latent_scaling)
-        banks, cfg.anomaly_map.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank)
+        banks, cfg.measured.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank)
     labelled = load_anomalous(anomalous or [], cfg, categories, skip) if main else {}
     after_s = 0.0
     if main and cfg.train.time_budget_minutes > 0:
@@ -387,8 +386,8 @@ def fit(
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device, normal_latents=banks)
         if cfg.anomaly_map.reference != "none" or cfg.anomaly_map.features:
             emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
-                                             if cfg.anomaly_map.features or has_own_reference(cfg.anomaly_map, name))})
-            model.reference, cfg.anomaly_map.feature_scales = normal_statistics(model, cache, labels, categories)
+                                             if cfg.anomaly_map.features or cfg.has_own_reference(name))})
+            model.reference, cfg.measured.feature_scales = normal_statistics(model, cache, labels, categories)
         emit("calibrate", {"images": sum(map(len, holdout.values()))})
         calibration = calibrate_model(model, holdout, labelled, skip)
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,

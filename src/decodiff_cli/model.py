@@ -3,6 +3,8 @@
 ``DecoDiffModel`` holds the frozen autoencoder, the latent scaler and the denoiser, and
 runs a batch through encode -> deviation correction -> decode -> map, timing each stage
 (the map's novelty term compares the input latent with the stored normal latents).
+``InferenceOptions`` carries what a caller may choose per run, under the same names from
+the command line (runs.py) through the Detector to here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from decodiff_cli.anomaly_map import anomaly_maps, feature_difference, has_own_reference, image_scores, needs_decoder, shift_images
+from decodiff_cli.anomaly_map import MapInputs, anomaly_maps, feature_difference, image_scores, needs_decoder, shift_images
 from decodiff_cli.autoencoders import Autoencoder
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
@@ -25,9 +27,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
+class InferenceOptions:
+    """Per-run choices; None: the bundle's own (its correction steps, calibrated thresholds)."""
+
+    category: str | None = None  # None: from the path, or guessed (Detector)
+    steps: int | None = None  # correction steps (denoiser calls; CorrectionConfig.num_calls)
+    threshold: float | None = None  # image threshold (Detector)
+    pixel_threshold: float | None = None  # (Detector)
+    keep_corrected: bool = False  # also return D(z0_hat), the "normal" image
+
+
+@dataclass
 class Inference:
     maps: torch.Tensor  # (N, S, S) in [0, 1], in the model's input geometry
-    scores: torch.Tensor  # (N,) image scores: map maxima
+    scores: torch.Tensor  # (N,) image scores (anomaly_map.image_scores: MapConfig.score_top_fraction)
     corrected: torch.Tensor | None  # (N, 3, S, S) in [-1, 1]: D(z0_hat), the "normal" image
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, whole batch
     categories: list[str] | None = None  # per image, when the caller chose them (Detector.infer)
@@ -122,7 +135,7 @@ class DecoDiffModel:
         images = torch.cat(images).contiguous()
         return images[0::2], images[1::2], [torch.cat(level) for level in zip(*levels)]
 
-    def _correct(self, z0: torch.Tensor, class_ids: torch.Tensor | None, num_calls: int | None) -> torch.Tensor:
+    def _correct(self, z0: torch.Tensor, class_ids: torch.Tensor | None, steps: int | None) -> torch.Tensor:
         labels = class_ids.to(self.device) if class_ids is not None and self.cfg.denoiser.num_classes else None
 
         def eps_theta(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -130,8 +143,8 @@ class DecoDiffModel:
                 return self.denoiser(z_t, t, labels).float()
 
         correction = self.cfg.correction
-        if num_calls is not None:
-            correction = replace(correction, num_calls=num_calls)
+        if steps is not None:
+            correction = replace(correction, num_calls=steps)
         return correct(eps_theta, z0, self.abar, correction.timesteps(), correction.strategy)
 
     @torch.inference_mode()
@@ -150,25 +163,24 @@ class DecoDiffModel:
 
     def _feature_scales(self, class_ids: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """(N, levels): the normal scale of each feature level for each image's class."""
-        map_cfg = self.cfg.anomaly_map
-        if not map_cfg.features:
+        if not self.cfg.anomaly_map.features:
             return None
-        missing = [name for name in self.cfg.categories if name not in map_cfg.feature_scales]
+        measured = self.cfg.measured.feature_scales
+        missing = [name for name in self.cfg.categories if name not in measured]
         if missing or not self.cfg.categories:
             raise ValueError(f"the map's feature term has no scales for {', '.join(missing) or 'this model'}: "
                              "they are measured at fit time")
-        table = torch.tensor([map_cfg.feature_scales[name] for name in self.cfg.categories])
+        table = torch.tensor([measured[name] for name in self.cfg.categories])
         rows = torch.zeros(n, dtype=torch.long) if class_ids is None else class_ids.cpu()
         return table[rows].to(self.device)
 
     def _novelty(self, z0: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor | None:
         """(N, 1, h, w): each place's distance to the nearest normal latent of its image's
         class, in units of that class's normal scale (None when the map has no novelty term)."""
-        map_cfg = self.cfg.anomaly_map
-        if not map_cfg.novelty:
+        if not self.cfg.anomaly_map.novelty:
             return None
-        names = self.cfg.categories
-        missing = [name for name in names if name not in self.normal_latents or name not in map_cfg.novelty_scales]
+        names, scales = self.cfg.categories, self.cfg.measured.novelty_scales
+        missing = [name for name in names if name not in self.normal_latents or name not in scales]
         if missing or not names:
             raise ValueError(f"the map's novelty term has no normal latents for {', '.join(missing) or 'this model'}: "
                              "they are stored at fit time")
@@ -177,7 +189,7 @@ class DecoDiffModel:
         for index in rows.unique().tolist():
             chosen = (rows == index).to(z0.device)
             name = names[index]
-            out[chosen] = nearest_distance(z0[chosen], self.normal_latents[name]) / map_cfg.novelty_scales[name]
+            out[chosen] = nearest_distance(z0[chosen], self.normal_latents[name]) / scales[name]
         return out
 
     @torch.inference_mode()
@@ -185,46 +197,49 @@ class DecoDiffModel:
         self,
         images: torch.Tensor,
         class_ids: torch.Tensor | None = None,
-        num_calls: int | None = None,
-        keep_corrected: bool = False,
+        options: InferenceOptions | None = None,
         z0: torch.Tensor | None = None,
     ) -> Inference:
         """``class_ids``: the category index of each image (used by a class-conditional
-        denoiser and to pick the normal reference); None for a one-class model."""
-        timings: dict[str, float] = {}
-        maps, corrected = self._maps(images, class_ids, num_calls, keep_corrected, z0, timings)
+        denoiser and to pick the normal reference); None for a one-class model. ``z0``: the
+        images' latents, when the caller has encoded them already."""
+        options = options or InferenceOptions()
+        maps, corrected, timings = self._maps(images, class_ids, options.steps, options.keep_corrected, z0)
         rows = self._shifted_view_rows(class_ids, len(maps))
         if rows.any():  # the map's shifted view: see MapConfig.shifted_view
             d = max(1, self.cfg.autoencoder.downsample // 2)
             ids = None if class_ids is None else class_ids[rows.to(class_ids.device)]
-            again, _ = self._maps(shift_images(images[rows.to(images.device)], d), ids, num_calls, False, None, timings)
+            again, _, more = self._maps(shift_images(images[rows.to(images.device)], d), ids, options.steps, False, None)
+            timings = {stage: timings[stage] + more[stage] for stage in timings}
             rows = rows.to(maps.device)
             maps[rows] = (maps[rows] + shift_images(again[:, None], -d)[:, 0]) / 2
         scores = image_scores(maps, self.cfg.anomaly_map.score_top_fraction)
-        return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if keep_corrected else None, timings=timings)
+        return Inference(maps=maps.cpu(), scores=scores.cpu(), corrected=corrected.cpu() if options.keep_corrected else None,
+                         timings=timings)
 
     def _shifted_view_rows(self, class_ids: torch.Tensor | None, n: int) -> torch.Tensor:
         """(N,) bool: the images whose class gets the shifted view (no own normal reference)."""
-        map_cfg = self.cfg.anomaly_map
-        if not map_cfg.shifted_view:
+        if not self.cfg.anomaly_map.shifted_view:
             return torch.zeros(n, dtype=torch.bool)
-        unaligned = torch.tensor([not has_own_reference(map_cfg, name) for name in self.cfg.categories or [""]])
+        unaligned = torch.tensor([not self.cfg.has_own_reference(name) for name in self.cfg.categories or [""]])
         return unaligned[torch.zeros(n, dtype=torch.long) if class_ids is None else class_ids.cpu()]
 
-    def _maps(self, images, class_ids, num_calls, keep_corrected, z0, timings) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """image -> latent -> corrected latent -> (N, S, S) maps, and the decoded corrections."""
+    def _maps(self, images, class_ids, steps, keep_corrected, z0) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """image -> latent -> corrected latent -> (N, S, S) maps, the decoded corrections, and
+        the seconds each stage took."""
+        timings: dict[str, float] = {}
         clock = time.perf_counter()
 
         def lap(stage: str) -> None:
             nonlocal clock
             self._sync()
             now = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + now - clock
+            timings[stage] = now - clock
             clock = now
 
         z0 = self.encode(images) if z0 is None else z0.to(self.device)  # callers may have encoded already
         lap("encode")
-        z0_hat = self._correct(z0, class_ids, num_calls)
+        z0_hat = self._correct(z0, class_ids, steps)
         lap("denoiser")
 
         reconstructed = corrected = features = None
@@ -232,8 +247,9 @@ class DecoDiffModel:
             reconstructed, corrected, features = self.decode_pairs(z0, z0_hat, self.cfg.anomaly_map.features)
         lap("decode")
 
-        maps = anomaly_maps(z0, z0_hat, reconstructed, corrected, self.cfg.anomaly_map, images.shape[-2:],
-                            self._reference_rows(class_ids, len(z0)), features, self._feature_scales(class_ids, len(z0)),
-                            self._novelty(z0, class_ids))
+        inputs = MapInputs(z0, z0_hat, tuple(images.shape[-2:]), reconstructed, corrected,
+                           reference=self._reference_rows(class_ids, len(z0)), features=features,
+                           feature_scales=self._feature_scales(class_ids, len(z0)), novelty=self._novelty(z0, class_ids))
+        maps = anomaly_maps(inputs, self.cfg.anomaly_map)
         lap("map")
-        return maps, corrected
+        return maps, corrected, timings

@@ -7,9 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from decodiff_cli.config import (
-    COMBINATIONS,
-    FIT_REFERENCES,
-    PIXEL_SCALES,
     AutoencoderConfig,
     DenoiserConfig,
     LatentScaling,
@@ -25,16 +22,9 @@ def _cpu() -> ModelConfig:
     at the finest (32x32) level costs 40% of a CPU training step; the coarser levels keep it."""
     return ModelConfig(
         denoiser=DenoiserConfig(size="xs", attention=[False, True, True]),
-        # Measured on MVTec bottle with TAEF2 (benchmarks/ablate_maps.py, README "Results"):
-        # the arithmetic mean localises better than the geometric one for small autoencoders.
-        # The normal reference: measured on bottle (aligned) as a gain, on magnetic tile
-        # (unaligned, defects at the borders) as a loss, hence "auto". The decoder-feature
-        # term: AUPRO +.002 to +.031 on bottle, magnetic tile and a unified model of both, on
-        # the same weights (benchmarks/add_map_term.py). The novelty term: pixel AP +.043
-        # on bottle, +.072 on magnetic tile (image AUROC +.095), same weights (add_map_term.py);
-        # with a covering bank, weighed 2:1 against the correction map, and the image score
-        # as the mean of the map's top 1%: same weights, tile image AUROC .763 -> .864, pixel
-        # AP .265 -> .284, bottle AUPRO .948 -> .950 (benchmarks/novelty_mix.py).
+        # The arithmetic mean, the "auto" reference, the feature and novelty terms (weighed
+        # 2:1) and the top-1% score each measured better with small autoencoders on the
+        # same weights; the figures are in docs/results.md.
         anomaly_map=MapConfig(combine="arithmetic", reference="auto", features=True, novelty=True,
                               novelty_weight=2 / 3, score_top_fraction=0.01),
     )
@@ -151,28 +141,17 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16", "auto"):
         raise ValueError(f"--mixed-precision must be no, fp16, bf16 or auto, not {cfg.train.mixed_precision!r}")
-    if cfg.anomaly_map.combine not in COMBINATIONS:
-        raise ValueError(f"--map must be one of {', '.join(COMBINATIONS)}, not {cfg.anomaly_map.combine!r}")
-    if cfg.anomaly_map.combine in ("pixel", "latent"):  # a one-term map is what was asked for
-        if options.get("map_features"):
-            raise ValueError(f"--map-features adds a term to an arithmetic or geometric map, not to --map {cfg.anomaly_map.combine}")
-        cfg.anomaly_map.features = False
-        cfg.anomaly_map.novelty = bool(options.get("map_novelty"))  # only when asked for explicitly
+    # A preset's map terms yield to a one-term map; terms named on the command line do not
+    # (MapConfig.validate refuses --map-features there).
+    if cfg.anomaly_map.combine in ("pixel", "latent"):
+        if not options.get("map_features"):
+            cfg.anomaly_map.features = False
+        cfg.anomaly_map.novelty = bool(options.get("map_novelty"))
     if cfg.autoencoder.spec == "pixel" and options.get("map_novelty") is None:
         # Raw 8x8 pixel blocks are no feature space: nearest distances between them mostly
-        # measure where a texture's phase falls (the quickstart's generated texture: image
-        # AUROC .950 without the term, .830 with it, same weights). Only when asked for.
+        # measure where a texture's phase falls (docs/results.md). Only when asked for.
         cfg.anomaly_map.novelty = False
-    if cfg.anomaly_map.novelty_bank < 1:
-        raise ValueError(f"--novelty-bank must be at least 1, not {cfg.anomaly_map.novelty_bank}")
-    if not 0 <= cfg.anomaly_map.novelty_weight <= 1:
-        raise ValueError(f"--novelty-weight must be between 0 and 1, not {cfg.anomaly_map.novelty_weight}")
-    if not 0 <= cfg.anomaly_map.score_top_fraction < 1:
-        raise ValueError(f"--score-top must be at least 0 and below 1, not {cfg.anomaly_map.score_top_fraction}")
-    if cfg.anomaly_map.reference not in FIT_REFERENCES:
-        raise ValueError(f"--map-reference must be one of {', '.join(FIT_REFERENCES)}, not {cfg.anomaly_map.reference!r}")
-    if cfg.anomaly_map.pixel_scale not in PIXEL_SCALES:
-        raise ValueError(f"pixel_scale must be one of {', '.join(PIXEL_SCALES)}, not {cfg.anomaly_map.pixel_scale!r}")
+    cfg.anomaly_map.validate(before_fit=True)
     if preset == "paper" and options.get("patch_sizes") is None:  # the authors' sizes follow the input size
         cfg.train.patch_sizes, cfg.train.patch_probs = paper_patch_sizes(cfg.preprocess.image_size)
     if cfg.train.lr_per_epoch and options.get("warmup_steps") is not None:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from decodiff_cli.detector import Detector, Prediction
 from decodiff_cli.inputs import InputImage
+from decodiff_cli.model import InferenceOptions
 from decodiff_cli.outputs import (
     GalleryEntry,
     OutputPaths,
@@ -35,19 +36,9 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class InferenceOptions:
-    category: str | None = None
-    steps: int | None = None
-    threshold: float | None = None
-    pixel_threshold: float | None = None
-
-
 def _predictions(detector: Detector, images: list[InputImage], opts: InferenceOptions, keep_corrected: bool = False):
     paths = [str(image.path) for image in images]
-    return zip(images, detector.predict(paths, category=opts.category, steps=opts.steps,
-                                        keep_corrected=keep_corrected, threshold=opts.threshold,
-                                        pixel_threshold=opts.pixel_threshold))
+    return zip(images, detector.predict(paths, opts, keep_corrected=keep_corrected))
 
 
 def _tally(summary: RunSummary, pred: Prediction) -> None:
