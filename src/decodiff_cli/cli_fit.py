@@ -241,7 +241,7 @@ def replay_options(t) -> str:
     return text + f" --views {t.augment_variants} --seed {t.seed}"
 
 
-def _describe_map(m, alignment: dict[str, float]) -> str:
+def _describe_map(m, alignment: dict[str, float] | None = None) -> str:
     scale = "the decoder's [-1, 1] scale" if m.pixel_scale == "decoder" else "[0, 1] units"
     text = f"{m.combine}, pixel clip {m.pixel_clip} on {scale} (blur {m.pixel_sigma:g}), "
     if m.reference == "none":
