@@ -7,6 +7,7 @@ CLI decides how things look and tests can run it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from decodiff_cli.anomaly_map import alignment, feature_scales, identity_referen
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
-from decodiff_cli.config import ModelConfig
+from decodiff_cli.config import FitStatistics, LatentScaling, ModelConfig, TrainConfig
 from decodiff_cli.images import ImageReadError, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
@@ -201,6 +202,37 @@ def normal_latents(cache, labels: list[int], categories: list[str], scaler: Late
     return banks, scales
 
 
+def measure_scaling(cache, scaling: LatentScaling) -> LatentScaling:
+    """The latent scaling's statistics, from the first view of every training image
+    (a "factor" scaling that already has them is kept)."""
+    if scaling.kind != "channel" and scaling.mean:
+        return scaling
+    # np.array copies: a read-only memmap slice handed to torch.from_numpy warns.
+    first_views = torch.from_numpy(np.array(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()
+    return fit_scaling(cache.means(first_views), scaling.kind, scaling.factor)
+
+
+def measure_latents(cache, labels: list[int], categories: list[str], cfg: ModelConfig) -> FitStatistics:
+    """What the training latents alone tell (no trained model needed): the class centroids
+    of a model of several classes, and each class's alignment when the reference is "auto"."""
+    scaler = LatentScaler(cfg.latent_scaling)
+    return FitStatistics(
+        class_centroids=class_centroids(cache, labels, categories, scaler) if len(categories) > 1 else {},
+        alignment=class_alignment(cache, labels, categories, scaler) if cfg.anomaly_map.reference == "auto" else {},
+    )
+
+
+def record_training(train_cfg: TrainConfig, result, views: int) -> TrainConfig:
+    """The training settings that replay this model: --max-steps (the schedule's length)
+    [--stop-step] --views --seed, with the steps it was trained for."""
+    record = dataclasses.replace(train_cfg, steps_done=result.steps, augment_variants=views)
+    if train_cfg.time_budget_minutes > 0:
+        record.max_steps = result.schedule_steps
+        if result.steps < result.schedule_steps:
+            record.stop_step = result.steps
+    return record
+
+
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
     """(train, holdout): at least `minimum` held out, but never more than a third."""
     count = min(max(minimum, round(fraction * len(paths))), len(paths) // 3) if fraction > 0 else 0
@@ -333,15 +365,9 @@ def fit(
                 raise ValueError(f"class {name!r} has no readable training image left") from None
     emit("cache", {"bytes": cache.nbytes, "on_disk": cache.on_disk, "images": cache.num_images,
                    "views": cache.latents.shape[1]})
-    if cfg.latent_scaling.kind == "channel" or not cfg.latent_scaling.mean:
-        # np.array copies: a read-only memmap slice handed to torch.from_numpy warns.
-        first_views = torch.from_numpy(np.array(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()
-        first_views = cache.means(first_views)
-        cfg.latent_scaling = fit_scaling(first_views, cfg.latent_scaling.kind, cfg.latent_scaling.factor)
-    if len(categories) > 1:
-        cfg.measured.class_centroids = class_centroids(cache, labels, categories, LatentScaler(cfg.latent_scaling))
+    cfg.latent_scaling = measure_scaling(cache, cfg.latent_scaling)
+    cfg.measured = measure_latents(cache, labels, categories, cfg)
     if cfg.anomaly_map.reference == "auto":
-        cfg.measured.alignment = class_alignment(cache, labels, categories, LatentScaler(cfg.latent_scaling))
         aligned = [name for name in categories if cfg.has_own_reference(name)]
         cfg.anomaly_map.reference = "position" if aligned else "none"
         emit("alignment", {"alignment": cfg.measured.alignment, "aligned": aligned})
@@ -367,13 +393,7 @@ def fit(
     result = train(cfg, cache, torch.tensor(labels), accelerator, work / "checkpoint", resume=resume,
                    progress=lambda record: emit("step", record), log_file=log_file, should_stop=should_stop,
                    budget_s=training_budget(cfg.train.time_budget_minutes, time.monotonic() - began, emit, after_s))
-    # What replays this model: --max-steps (the schedule's length) [--stop-step] --views --seed
-    cfg.train.steps_done = result.steps
-    cfg.train.augment_variants = int(cache.latents.shape[1])
-    if cfg.train.time_budget_minutes > 0:
-        cfg.train.max_steps = result.schedule_steps
-        if result.steps < result.schedule_steps:
-            cfg.train.stop_step = result.steps
+    cfg.train = record_training(cfg.train, result, views=int(cache.latents.shape[1]))
 
     # 4. calibrate on the held-out images, write the bundle (one writer)
     calibration: dict[str, Any] = {}
