@@ -60,7 +60,7 @@ COMBINATIONS = ("geometric", "arithmetic", "pixel", "latent")
 PIXEL_SCALES = ("unit", "decoder")
 REFERENCES = ("none", "position")  # in a bundle
 FIT_REFERENCES = REFERENCES + ("auto",)  # as a fit option
-ALIGNED_BELOW = 0.6  # "auto": below this anomaly_map.alignment a class is aligned (figures: docs/results.md)
+ALIGNED_BELOW = 0.6  # "auto": below this anomaly_map.alignment a class is aligned (bottle's and tiles': docs/results.md)
 
 
 @dataclass

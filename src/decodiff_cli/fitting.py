@@ -1,6 +1,9 @@
 """`decodiff fit` as a library call: images -> cached latents -> trained denoiser ->
 calibrated thresholds -> bundle.
 
+``fit`` runs named steps; those that measure return what they measured (the latent
+scaling, ``FitStatistics``, the normal reference and banks) rather than editing settings.
+
 Reports progress through a callback (``on_event(kind, info)``) and never prints, so the
 CLI decides how things look and tests can run it directly.
 """

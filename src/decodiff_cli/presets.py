@@ -149,7 +149,8 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         cfg.anomaly_map.novelty = bool(options.get("map_novelty"))
     if cfg.autoencoder.spec == "pixel" and options.get("map_novelty") is None:
         # Raw 8x8 pixel blocks are no feature space: nearest distances between them mostly
-        # measure where a texture's phase falls (docs/results.md). Only when asked for.
+        # measure where a texture's phase falls (docs/results.md, "The novelty term with the
+        # weight-free pixel backend"). Only when asked for.
         cfg.anomaly_map.novelty = False
     cfg.anomaly_map.validate(before_fit=True)
     if preset == "paper" and options.get("patch_sizes") is None:  # the authors' sizes follow the input size
