@@ -1,0 +1,221 @@
+"""`accelerate launch` splits score, localize and export-masks between processes.
+
+Two CPU processes over gloo, started the way tests/test_training.py starts `fit`
+(`--multi_gpu` without a GPU: see fitting._cpu_only_launch), each run compared with the
+same command in one process. A launch costs 10-15 s here, so one launch (through a shim
+that runs several commands in the same two processes) covers score --output,
+--skip-existing, localize and export-masks; one runs the real `-m decodiff_cli score`
+to stdout; one makes a process hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")]
+
+# Runs each command of COMMANDS (a JSON list of argument lists) in this process of the
+# launch, in order, and records its exit code and stdout per rank. FAULT=hang makes
+# rank 1 stop answering in the middle of localize.
+SHIM = """
+import contextlib, json, os, sys, time
+from pathlib import Path
+sys.argv[0] = "decodiff"
+from decodiff_cli import cli, cli_fit, cli_benchmark, runs
+if os.environ.get("FAULT") == "hang" and os.environ["RANK"] == "1":
+    def localize(*args, **kwargs):
+        time.sleep(600)
+    runs.localize = localize
+results = Path(os.environ["RESULTS"])
+worst = 0
+for i, args in enumerate(json.loads(os.environ["COMMANDS"])):
+    with open(results / ("rank%s_%d.out" % (os.environ["RANK"], i)), "w") as out, contextlib.redirect_stdout(out):
+        code = cli.app(args, standalone_mode=False, prog_name="decodiff") or 0
+    (results / ("rank%s_%d.code" % (os.environ["RANK"], i))).write_text(str(code))
+    worst = worst or code
+sys.exit(worst)  # as the command itself would: the launcher stops the other process on a failure
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _launch(tmp_path: Path, script: list[str], timeout: float = 120, **env_extra) -> tuple[subprocess.CompletedProcess, float]:
+    """`accelerate launch --multi_gpu --num_processes 2 SCRIPT...` on the CPU; (result, seconds)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "DECODIFF_")) and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HOME=str(tmp_path / "hf"),  # no GPU, no accelerate config file
+               OMP_NUM_THREADS="1", DECODIFF_NO_PROGRESS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]), **env_extra)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), *script]
+    start = time.monotonic()
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group: a hang takes no workers along
+    try:
+        stdout, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in _descendants(launcher.pid):  # torch elastic starts each worker in its own session
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail(f"accelerate launch did not finish in {timeout} s")
+    return subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr), time.monotonic() - start
+
+
+def _jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _by_path(records: list[dict]) -> dict[str, dict]:
+    assert len({r["path"] for r in records}) == len(records), "a path was written twice"
+    return {r["path"]: r for r in records}
+
+
+def _assert_same_records(got: list[dict], want: list[dict]) -> None:
+    got_map, want_map = _by_path(got), _by_path(want)
+    assert set(got_map) == set(want_map)
+    for path, w in want_map.items():
+        g = got_map[path]
+        assert (g["error"] is None) == (w["error"] is None), path
+        assert g["class"] == w["class"] and g["is_anomalous"] == w["is_anomalous"], path
+        if w["score"] is not None:
+            assert abs(g["score"] - w["score"]) <= 1e-4, path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, test_images) -> Path:
+    """The 6 test images (2 good, 4 defective) in one folder, with an unreadable file
+    sorted last, so it falls in the second process's share."""
+    folder = tmp_path_factory.mktemp("dist_inputs")
+    for p in test_images:
+        shutil.copy(p, folder / f"{p.parent.name}_{p.name}")
+    (folder / "zz_broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_score_to_stdout_is_gathered_by_the_main_process_in_input_order(invoke, bundle, inputs, tmp_path):
+    single = invoke("score", bundle, inputs, "--format", "jsonl", "--fail-on-anomaly")
+    assert single.exit_code == 3  # the broken file wins over the anomalies
+    want = _jsonl(single.stdout)
+
+    result, seconds = _launch(tmp_path, ["-m", "decodiff_cli", "score", str(bundle), str(inputs),
+                                         "--format", "jsonl", "--fail-on-anomaly"])
+    print(f"two processes: {seconds:.1f} s")
+    got = _jsonl(result.stdout)
+    assert [r["path"] for r in got] == [r["path"] for r in want]  # once each, in input order
+    _assert_same_records(got, want)
+    # The broken file is scored by rank 1, the anomalies are in rank 0's share; both
+    # processes exit 3, which the launcher (torch elastic) reports per rank, then exits 1.
+    assert result.returncode != 0
+    assert result.stderr.count("exitcode  : 3") == 2, result.stderr[-3000:]
+    assert result.stderr.count("zz_broken.png") >= 1
+
+
+def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundle, inputs, tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    assert invoke("score", bundle, inputs, "--output", single / "all.jsonl").exit_code == 3
+    want = _jsonl((single / "all.jsonl").read_text())
+    assert invoke("localize", bundle, inputs, "--out", single / "review").exit_code == 3
+    assert invoke("export-masks", bundle, inputs, "--out", single / "masks").exit_code == 3
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    # --skip-existing: two images already in the file are skipped by both processes.
+    (dist / "resumed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in want[:2]))
+    commands = [
+        ["score", str(bundle), str(inputs), "--output", str(dist / "all.jsonl")],
+        ["score", str(bundle), str(inputs), "--output", str(dist / "resumed.jsonl"), "--skip-existing"],
+        ["localize", str(bundle), str(inputs), "--out", str(dist / "review")],
+        ["export-masks", str(bundle), str(inputs), "--out", str(dist / "masks")],
+    ]
+    shim = tmp_path / "shim.py"
+    shim.write_text(SHIM)
+    results = tmp_path / "results"
+    results.mkdir()
+    result, seconds = _launch(tmp_path, [str(shim)], COMMANDS=json.dumps(commands), RESULTS=str(results))
+    print(f"two processes, four commands: {seconds:.1f} s")
+    # Every command, in every process, exits with the worst code of the job.
+    codes = {f.name: f.read_text() for f in results.glob("*.code")}
+    assert codes == {f"rank{r}_{i}.code": "3" for r in (0, 1) for i in range(len(commands))}, result.stderr[-3000:]
+    assert all(f.read_text() == "" for f in results.glob("*.out"))  # nothing on stdout with --output / --out
+
+    _assert_same_records(_jsonl((dist / "all.jsonl").read_text()), want)
+    resumed = _jsonl((dist / "resumed.jsonl").read_text())
+    _assert_same_records(resumed, want)  # the 2 old records plus the 4 others, once each
+    assert resumed[:2] == want[:2]
+
+    # The same files; images and masks byte for byte, the float maps within 1e-4.
+    import numpy as np
+    from decodiff_cli.outputs import read_float_tiff
+
+    for name in ("review", "masks"):
+        got, expected = _files(dist / name), _files(single / name)
+        assert set(got) == set(expected)
+        for key in expected:
+            if key.endswith(".tiff"):
+                assert np.abs(read_float_tiff(dist / name / key) - read_float_tiff(single / name / key)).max() <= 1e-4
+            elif key != "index.html" and not key.endswith("_recon.png") and not key.endswith("_overlay.png"):
+                assert got[key] == expected[key], key
+    # One gallery, written after both processes finished: every image once, the broken one failed.
+    page = (dist / "review" / "index.html").read_text()
+    expected_page = (single / "review" / "index.html").read_text()
+    assert "7 images, " in page and "1 failed" in page
+    assert page.count("<tr>") == expected_page.count("<tr>") == 7  # a header row, 6 images
+    assert page.count("<li>") == 1
+
+
+def test_a_process_that_hangs_fails_the_job_in_bounded_time_without_a_gallery(bundle, inputs, tmp_path):
+    shim = tmp_path / "shim.py"
+    shim.write_text(SHIM)
+    results = tmp_path / "results"
+    results.mkdir()
+    out = tmp_path / "review"
+    result, seconds = _launch(tmp_path, [str(shim)], timeout=120, FAULT="hang", DECODIFF_DIST_TIMEOUT="3",
+                              COMMANDS=json.dumps([["localize", str(bundle), str(inputs), "--out", str(out)]]),
+                              RESULTS=str(results))
+    assert result.returncode != 0
+    assert seconds < 90, f"took {seconds:.0f} s"
+    assert "did not answer within 3 s" in result.stderr, result.stderr[-3000:]
+    assert (results / "rank0_0.code").read_text() == "2"
+    assert not (out / "index.html").exists()  # no gallery for a job that did not finish
+    assert not list(out.rglob(".decodiff-*"))  # no half-written file
