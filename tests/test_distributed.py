@@ -25,8 +25,8 @@ import torch
 
 from conftest import REPO
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")]
+launches = [pytest.mark.slow,
+            pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")]
 
 # Runs each command of COMMANDS (a JSON list of argument lists) in this process of the
 # launch, in order, and records its exit code and stdout per rank. FAULT=hang makes
@@ -132,6 +132,8 @@ def inputs(tmp_path_factory, test_images) -> Path:
     return folder
 
 
+@launches[0]
+@launches[1]
 def test_score_to_stdout_is_gathered_by_the_main_process_in_input_order(invoke, bundle, inputs, tmp_path):
     single = invoke("score", bundle, inputs, "--format", "jsonl", "--fail-on-anomaly")
     assert single.exit_code == 3  # the broken file wins over the anomalies
@@ -150,6 +152,8 @@ def test_score_to_stdout_is_gathered_by_the_main_process_in_input_order(invoke, 
     assert result.stderr.count("zz_broken.png") >= 1
 
 
+@launches[0]
+@launches[1]
 def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundle, inputs, tmp_path):
     single = tmp_path / "single"
     single.mkdir()
@@ -204,6 +208,8 @@ def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundl
     assert page.count("<li>") == 1
 
 
+@launches[0]
+@launches[1]
 def test_a_process_that_hangs_fails_the_job_in_bounded_time_without_a_gallery(bundle, inputs, tmp_path):
     shim = tmp_path / "shim.py"
     shim.write_text(SHIM)
@@ -219,3 +225,72 @@ def test_a_process_that_hangs_fails_the_job_in_bounded_time_without_a_gallery(bu
     assert (results / "rank0_0.code").read_text() == "2"
     assert not (out / "index.html").exists()  # no gallery for a job that did not finish
     assert not list(out.rglob(".decodiff-*"))  # no half-written file
+
+
+def _example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"decodiff_example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@launches[0]
+@launches[1]
+def test_python_pattern_example_shards_paths_like_one_process(invoke, bundle, inputs, tmp_path):
+    paths = sorted(str(p) for p in inputs.iterdir())
+    (tmp_path / "paths.txt").write_text("".join(p + "\n" for p in paths))
+    want = _jsonl(invoke("score", bundle, *paths, "--format", "jsonl").stdout)
+    result, _ = _launch(tmp_path, [str(REPO / "examples" / "distributed_score.py"), str(bundle),
+                                   str(tmp_path / "paths.txt"), str(tmp_path / "scores.jsonl")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = _jsonl((tmp_path / "scores.jsonl").read_text())
+    assert [r["path"] for r in got] == paths
+    _assert_same_records(got, want)
+
+
+def test_ray_and_spark_plug_in_scores_like_the_detector(bundle, inputs):
+    from decodiff_cli import Detector
+
+    example = _example("ray_spark_score")
+    paths = sorted(str(p) for p in inputs.iterdir())
+    want = list(Detector.load(bundle, device="cpu").predict(paths))
+    got = example.ScoreBatch(str(bundle), device="cpu")({"path": paths})
+    assert got["path"] == paths
+    assert got["error"][-1] is not None and got["score"][-1] is None  # the unreadable file
+    for p, score, anomalous in zip(want[:-1], got["score"], got["is_anomalous"]):
+        assert abs(score - p.score) <= 1e-4 and anomalous == p.is_anomalous
+
+
+def test_spark_partition_function_returns_one_frame_per_batch(bundle, inputs):
+    pd = pytest.importorskip("pandas")
+    example = _example("ray_spark_score")
+    paths = sorted(str(p) for p in inputs.iterdir())
+    (frame,) = example.spark_partition(str(bundle), device="cpu")(iter([pd.DataFrame({"path": paths})]))
+    assert list(frame.columns) == list(example.COLUMNS) and frame["path"].tolist() == paths
+
+
+def test_a_group_of_one_is_the_identity_and_the_timeout_is_checked(monkeypatch):
+    from types import SimpleNamespace
+
+    from decodiff_cli.distributed import ProcessGroup, timeout_seconds
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    group = ProcessGroup.from_environment()
+    assert (group.size, group.index, group.is_main) == (1, 0, True)
+    assert group.split([3, 1, 2]) == [3, 1, 2] and group.gather("x") == ["x"]
+    assert group.on_main(lambda: 7) == 7 and group.device("auto") == "auto"
+    # In a launch, each process takes its own accelerator unless the user named one.
+    launched = ProcessGroup(SimpleNamespace(device=torch.device("cuda", 1), num_processes=2, process_index=1))
+    assert launched.device("auto") == launched.device("cuda") == "cuda:1"
+    assert launched.device("cpu") == "cpu" and launched.device("cuda:0") == "cuda:0"
+    on_cpu = ProcessGroup(SimpleNamespace(device=torch.device("cpu"), num_processes=2, process_index=0))
+    assert on_cpu.device("auto") == "cpu"
+
+    monkeypatch.setenv("DECODIFF_DIST_TIMEOUT", "2.5")
+    assert timeout_seconds() == 2.5
+    for bad in ("0", "-1", "soon"):
+        monkeypatch.setenv("DECODIFF_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="DECODIFF_DIST_TIMEOUT"):
+            timeout_seconds()
