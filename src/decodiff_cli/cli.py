@@ -220,7 +220,7 @@ def score(
 ) -> None:
     """Score images: one record per image (path, class, score, threshold, normalized_score, is_anomalous)."""
     from decodiff_cli import runs
-    from decodiff_cli.outputs import Record, RecordWriter, read_scored_paths
+    from decodiff_cli.outputs import RecordWriter, read_scored_paths
 
     group = _process_group()
 
@@ -249,7 +249,7 @@ def score(
     with console.progress_bar() as bar:
         task = bar.add_task("scoring", total=len(mine))
         if to_stdout_later:
-            summary = runs.score(detector, mine, opts, lambda r: rows.append(r.to_dict()), lambda: bar.advance(task))
+            summary = runs.score(detector, mine, opts, rows.append, lambda: bar.advance(task))
         else:
             with RecordWriter(output if output is not None else sys.stdout, fmt.value) as writer:
                 summary = runs.score(detector, mine, opts, writer.write, lambda: bar.advance(task))
@@ -257,7 +257,7 @@ def score(
         rows = [row for part in group.gather(rows) for row in part]  # process order = input order
     summary, code = _finish(group, summary, problems, fail_on_anomaly)
     if group.is_main and fmt == Format.table:
-        _print_score_table([Record.from_dict(row) for row in rows])
+        _print_score_table(rows)
     elif group.is_main and to_stdout_later:
         with RecordWriter(sys.stdout, fmt.value) as writer:
             for row in rows:
@@ -299,7 +299,6 @@ def localize(
 ) -> None:
     """Anomaly heatmaps, overlays, corrected images and raw float TIFF maps, with an index.html gallery."""
     from decodiff_cli import runs
-
     from decodiff_cli.outputs import write_gallery
 
     group, summary, problems = _folder_job(
