@@ -161,6 +161,7 @@ def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundl
     want = _jsonl((single / "all.jsonl").read_text())
     assert invoke("localize", bundle, inputs, "--out", single / "review").exit_code == 3
     assert invoke("export-masks", bundle, inputs, "--out", single / "masks").exit_code == 3
+    single_csv = invoke("score", bundle, inputs, "--format", "csv").stdout
 
     dist = tmp_path / "dist"
     dist.mkdir()
@@ -171,6 +172,7 @@ def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundl
         ["score", str(bundle), str(inputs), "--output", str(dist / "resumed.jsonl"), "--skip-existing"],
         ["localize", str(bundle), str(inputs), "--out", str(dist / "review")],
         ["export-masks", str(bundle), str(inputs), "--out", str(dist / "masks")],
+        ["score", str(bundle), str(inputs), "--format", "csv"],
     ]
     shim = tmp_path / "shim.py"
     shim.write_text(SHIM)
@@ -181,7 +183,10 @@ def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundl
     # Every command, in every process, exits with the worst code of the job.
     codes = {f.name: f.read_text() for f in results.glob("*.code")}
     assert codes == {f"rank{r}_{i}.code": "3" for r in (0, 1) for i in range(len(commands))}, result.stderr[-3000:]
-    assert all(f.read_text() == "" for f in results.glob("*.out"))  # nothing on stdout with --output / --out
+    # Nothing on stdout with --output / --out; without, the main process's alone: one header.
+    assert [f.name for f in sorted(results.glob("*.out")) if f.read_text()] == ["rank0_4.out"]
+    got_csv = (results / "rank0_4.out").read_text().splitlines()
+    assert [line.split(",")[0] for line in got_csv] == [line.split(",")[0] for line in single_csv.splitlines()]
 
     _assert_same_records(_jsonl((dist / "all.jsonl").read_text()), want)
     resumed = _jsonl((dist / "resumed.jsonl").read_text())
