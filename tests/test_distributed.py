@@ -30,14 +30,16 @@ launches = [pytest.mark.slow,
 
 # Runs each command of COMMANDS (a JSON list of argument lists) in this process of the
 # launch, in order, and records its exit code and stdout per rank. FAULT=hang makes
-# rank 1 stop answering in the middle of localize.
+# rank 1 stop answering in the middle of localize, FAULT=die makes it exit there.
 SHIM = """
 import contextlib, json, os, sys, time
 from pathlib import Path
 sys.argv[0] = "decodiff"
 from decodiff_cli import cli, cli_fit, cli_benchmark, runs
-if os.environ.get("FAULT") == "hang" and os.environ["RANK"] == "1":
+if os.environ.get("FAULT") and os.environ["RANK"] == "1":
     def localize(*args, **kwargs):
+        if os.environ["FAULT"] == "die":
+            os._exit(9)
         time.sleep(600)
     runs.localize = localize
 results = Path(os.environ["RESULTS"])
@@ -215,19 +217,23 @@ def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundl
 
 @launches[0]
 @launches[1]
-def test_a_process_that_hangs_fails_the_job_in_bounded_time_without_a_gallery(bundle, inputs, tmp_path):
+@pytest.mark.parametrize("fault", ["hang", "die"])
+def test_a_process_that_hangs_or_dies_fails_the_job_in_bounded_time_without_a_gallery(fault, bundle, inputs, tmp_path):
     shim = tmp_path / "shim.py"
     shim.write_text(SHIM)
     results = tmp_path / "results"
     results.mkdir()
     out = tmp_path / "review"
-    result, seconds = _launch(tmp_path, [str(shim)], timeout=120, FAULT="hang", DECODIFF_DIST_TIMEOUT="3",
+    result, seconds = _launch(tmp_path, [str(shim)], timeout=120, FAULT=fault, DECODIFF_DIST_TIMEOUT="3",
                               COMMANDS=json.dumps([["localize", str(bundle), str(inputs), "--out", str(out)]]),
                               RESULTS=str(results))
     assert result.returncode != 0
     assert seconds < 90, f"took {seconds:.0f} s"
-    assert "did not answer within 3 s" in result.stderr, result.stderr[-3000:]
-    assert (results / "rank0_0.code").read_text() == "2"
+    if fault == "hang":  # the main process gives up waiting, with a sentence that says why
+        assert "did not answer within 3 s" in result.stderr, result.stderr[-3000:]
+        assert (results / "rank0_0.code").read_text() == "2"
+    else:  # the launcher stops the survivor (or it loses the connection, whichever comes first)
+        assert "exitcode  : 9" in result.stderr, result.stderr[-3000:]
     assert not (out / "index.html").exists()  # no gallery for a job that did not finish
     assert not list(out.rglob(".decodiff-*"))  # no half-written file
 
