@@ -193,7 +193,7 @@ BUNDLE_ARG = typer.Argument(..., help="A model bundle made by `decodiff fit`.", 
 INPUTS_ARG = typer.Argument(..., help="Image files, folders (recursive), globs, or - to read paths from stdin.", show_default=False)
 CLASS_OPT = typer.Option(None, "--class", help="Category to score as (unified models); inferred from the path or the image when omitted.")
 BATCH_OPT = typer.Option(8, "--batch-size", help="Images per forward pass.")
-DEVICE_OPT = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (a GPU if there is one; under `accelerate launch`, each process its own), cpu, cuda or cuda:N.")
 DTYPE_OPT = typer.Option(Dtype.fp32, "--dtype", help="Inference precision: fp32, bf16 (CPU/GPU) or fp16 (GPU).")
 STEPS_OPT = typer.Option(None, "--steps", help="Number of correction steps (model calls); default from the bundle (5).")
 
