@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -82,6 +83,15 @@ def _launch(tmp_path: Path, script: list[str], timeout: float = 120, **env_extra
     env.update(CUDA_VISIBLE_DEVICES="", HF_HOME=str(tmp_path / "hf"),  # no GPU, no accelerate config file
                OMP_NUM_THREADS="1", DECODIFF_NO_PROGRESS="1",
                PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]), **env_extra)
+    for attempt in (1, 2):
+        result, seconds = _launch_once(script, env, timeout)
+        # The free port can be taken by another job between our probe and the launch: retry once.
+        if attempt == 2 or "address already in use" not in result.stderr.lower():
+            return result, seconds
+    raise AssertionError("unreachable")
+
+
+def _launch_once(script: list[str], env: dict, timeout: float) -> tuple[subprocess.CompletedProcess, float]:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), *script]
@@ -148,9 +158,11 @@ def test_score_to_stdout_is_gathered_by_the_main_process_in_input_order(invoke, 
     assert [r["path"] for r in got] == [r["path"] for r in want]  # once each, in input order
     _assert_same_records(got, want)
     # The broken file is scored by rank 1, the anomalies are in rank 0's share; both
-    # processes exit 3, which the launcher (torch elastic) reports per rank, then exits 1.
+    # processes exit 3, which the launcher (torch elastic) reports, then exits 1. (It may
+    # stop the second one to exit with SIGTERM once the first has: -15.)
     assert result.returncode != 0
-    assert result.stderr.count("exitcode  : 3") == 2, result.stderr[-3000:]
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", result.stderr)
+    assert "3" in codes and set(codes) <= {"3", "-15"}, result.stderr[-3000:]
     assert result.stderr.count("zz_broken.png") >= 1
 
 

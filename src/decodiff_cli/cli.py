@@ -262,6 +262,7 @@ def score(
         with RecordWriter(sys.stdout, fmt.value) as writer:
             for row in rows:
                 writer.write(row)
+    group.finish()
     raise typer.Exit(code)
 
 
@@ -311,6 +312,7 @@ def localize(
         write_gallery(out, summary.gallery)
     if group.is_main:
         console.info(f"{summary.processed} image(s), {summary.anomalous} anomalous; gallery: {console.escape(str(out / 'index.html'))}")
+    group.finish()
     raise typer.Exit(code)
 
 
@@ -340,6 +342,7 @@ def export_masks(
     summary, code = _finish(group, summary, problems)
     if group.is_main:
         console.info(f"{summary.processed} mask(s) in {console.escape(str(out))}")
+    group.finish()
     raise typer.Exit(code)
 
 

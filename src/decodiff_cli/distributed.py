@@ -137,6 +137,13 @@ class ProcessGroup:
 
         return self._collective("gather the results", lambda: gather_object([value]))
 
+    def finish(self) -> None:
+        """Wait until every process is here. The last call of a command, after the main
+        process has written its output: the launcher stops every process as soon as one
+        exits non-zero, which must not cut the main process's stdout or gallery short."""
+        if self.state is not None:
+            self._collective("finish together", lambda: torch_barrier())
+
     def _broadcast(self, payload: list[Any]) -> list[Any]:
         from accelerate.utils import broadcast_object_list
 
@@ -151,6 +158,12 @@ class ProcessGroup:
                 f"within {self.timeout_s:g} s (set {TIMEOUT_ENV} to wait longer); "
                 f"rerun (with --skip-existing for score) to finish ({' '.join(str(err).split())[:200]})"
             ) from None
+
+
+def torch_barrier() -> None:
+    import torch.distributed
+
+    torch.distributed.barrier()
 
 
 def _sigterm_unwinds() -> None:
