@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from decodiff_cli import __version__, console
+from decodiff_cli.distributed import MainProcessFailed, PeerLost
 from decodiff_cli.console import (
     EXIT_ANOMALY,
     EXIT_CODES_HELP,
@@ -76,6 +77,11 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             console.error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED)
+        except MainProcessFailed:  # the main process has printed the error already
+            raise typer.Exit(EXIT_USAGE)
+        except PeerLost as err:
+            console.error(console.escape(str(err)))
+            raise typer.Exit(EXIT_USAGE)
         except BrokenPipeError:  # `decodiff score ... | head`: the reader left, which is fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(EXIT_OK)
@@ -120,14 +126,33 @@ def _options(detector, class_name: Optional[str], steps: Optional[int], threshol
     return InferenceOptions(category=class_name, steps=steps, threshold=threshold, pixel_threshold=pixel_threshold)
 
 
-def _exit_code(summary, input_problems, fail_on_anomaly: bool = False) -> int:
-    for path, problem in summary.failed:
+def _exit_code(summary, input_problems, fail_on_anomaly: bool = False, report: bool = True) -> int:
+    for path, problem in summary.failed if report else ():
         console.warn(problem)
     if summary.failed or input_problems:
         return EXIT_INPUTS_FAILED
     if fail_on_anomaly and summary.anomalous:
         return EXIT_ANOMALY
     return EXIT_OK
+
+
+def _process_group():
+    """This process's share of an `accelerate launch` job (a group of one otherwise)."""
+    from decodiff_cli.distributed import ProcessGroup
+
+    group = ProcessGroup.from_environment()
+    if not group.is_main:  # one progress bar, the main process's: N interleaved bars are noise
+        os.environ["DECODIFF_NO_PROGRESS"] = "1"
+    return group
+
+
+def _finish(group, summary, problems, fail_on_anomaly: bool = False):
+    """The whole job's summary and exit code, the same on every process (so the worst code
+    wins everywhere); failures are reported once, by the main process."""
+    from decodiff_cli.runs import merge
+
+    total = merge(group.gather(summary)) if group.size > 1 else summary
+    return total, _exit_code(total, problems, fail_on_anomaly, report=group.is_main)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool, inputs) -> None:
@@ -143,22 +168,32 @@ def _prepare_out_dir(out: Path, overwrite: bool, inputs) -> None:
 
 
 def _folder_job(label, bundle, inputs, out, overwrite, device, dtype, batch_size, make_options, job):
-    """The shared flow of the commands that write into an output folder."""
-    images, problems = _collect_inputs(inputs)
-    _prepare_out_dir(out, overwrite, images)
-    detector = _load_detector(bundle, device, dtype, batch_size)
+    """The shared flow of the commands that write into an output folder. Under `accelerate
+    launch`, the main process checks the inputs and the folder, every process does its share
+    (``job(detector, mine, opts, advance, all_inputs)``, all_inputs None for a single process),
+    and the summary covers them all."""
+    group = _process_group()
+
+    def plan():
+        images, problems = _collect_inputs(inputs)
+        _prepare_out_dir(out, overwrite, images)
+        return images, problems
+
+    images, problems = group.on_main(plan)
+    detector = _load_detector(bundle, group.device(device), dtype, batch_size)
     opts = make_options(detector)
+    mine = group.split(images)
     with console.progress_bar() as bar:
-        task = bar.add_task(label, total=len(images))
-        summary = job(detector, images, opts, lambda: bar.advance(task))
-    return summary, problems
+        task = bar.add_task(label, total=len(mine))
+        summary = job(detector, mine, opts, lambda: bar.advance(task), images if group.size > 1 else None)
+    return group, summary, problems
 
 
 BUNDLE_ARG = typer.Argument(..., help="A model bundle made by `decodiff fit`.", show_default=False)
 INPUTS_ARG = typer.Argument(..., help="Image files, folders (recursive), globs, or - to read paths from stdin.", show_default=False)
 CLASS_OPT = typer.Option(None, "--class", help="Category to score as (unified models); inferred from the path or the image when omitted.")
 BATCH_OPT = typer.Option(8, "--batch-size", help="Images per forward pass.")
-DEVICE_OPT = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N.")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto (a GPU if there is one; under `accelerate launch`, each process its own), cpu, cuda or cuda:N.")
 DTYPE_OPT = typer.Option(Dtype.fp32, "--dtype", help="Inference precision: fp32, bf16 (CPU/GPU) or fp16 (GPU).")
 STEPS_OPT = typer.Option(None, "--steps", help="Number of correction steps (model calls); default from the bundle (5).")
 
@@ -187,29 +222,48 @@ def score(
     from decodiff_cli import runs
     from decodiff_cli.outputs import RecordWriter, read_scored_paths
 
-    if skip_existing and output is None:
-        raise ValueError("--skip-existing needs --output FILE")
+    group = _process_group()
+
+    def plan():
+        if skip_existing and output is None:
+            raise ValueError("--skip-existing needs --output FILE")
+        if output is not None and fmt == Format.table:
+            raise ValueError("--format table is for the terminal; use jsonl or csv with --output")
+        images, problems = _collect_inputs(inputs)
+        # Decided once, before the split: every process skips the same inputs.
+        if skip_existing and output.exists():
+            before = len(images)
+            images = runs.skip_already_scored(images, read_scored_paths(output))
+            console.info(f"skipping {before - len(images)} already scored image(s)")
+        return images, problems
+
     fmt = fmt or (Format.table if output is None and console.stdout_is_terminal() else Format.jsonl)
-    if output is not None and fmt == Format.table:
-        raise ValueError("--format table is for the terminal; use jsonl or csv with --output")
-    images, problems = _collect_inputs(inputs)
-    if skip_existing and output.exists():
-        before = len(images)
-        images = runs.skip_already_scored(images, read_scored_paths(output))
-        console.info(f"skipping {before - len(images)} already scored image(s)")
-    detector = _load_detector(bundle, device, dtype, batch_size)
+    images, problems = group.on_main(plan)
+    detector = _load_detector(bundle, group.device(device), dtype, batch_size)
     opts = _options(detector, class_name, steps, threshold)
+    mine = group.split(images)
+    # Each process appends to --output itself (one flock'ed write per record); stdout is the
+    # main process's alone, so with several processes the records are gathered first.
+    to_stdout_later = fmt == Format.table or (output is None and group.size > 1)
     rows: list = []
     with console.progress_bar() as bar:
-        task = bar.add_task("scoring", total=len(images))
-        if fmt == Format.table:
-            summary = runs.score(detector, images, opts, rows.append, lambda: bar.advance(task))
+        task = bar.add_task("scoring", total=len(mine))
+        if to_stdout_later:
+            summary = runs.score(detector, mine, opts, rows.append, lambda: bar.advance(task))
         else:
             with RecordWriter(output if output is not None else sys.stdout, fmt.value) as writer:
-                summary = runs.score(detector, images, opts, writer.write, lambda: bar.advance(task))
-    if fmt == Format.table:
+                summary = runs.score(detector, mine, opts, writer.write, lambda: bar.advance(task))
+    if to_stdout_later:
+        rows = [row for part in group.gather(rows) for row in part]  # process order = input order
+    summary, code = _finish(group, summary, problems, fail_on_anomaly)
+    if group.is_main and fmt == Format.table:
         _print_score_table(rows)
-    raise typer.Exit(_exit_code(summary, problems, fail_on_anomaly))
+    elif group.is_main and to_stdout_later:
+        with RecordWriter(sys.stdout, fmt.value) as writer:
+            for row in rows:
+                writer.write(row)
+    group.finish()
+    raise typer.Exit(code)
 
 
 def _print_score_table(rows) -> None:
@@ -246,13 +300,20 @@ def localize(
 ) -> None:
     """Anomaly heatmaps, overlays, corrected images and raw float TIFF maps, with an index.html gallery."""
     from decodiff_cli import runs
+    from decodiff_cli.outputs import write_gallery
 
-    summary, problems = _folder_job(
+    group, summary, problems = _folder_job(
         "localizing", bundle, inputs, out, overwrite, device, dtype, batch_size,
         lambda detector: _options(detector, class_name, steps, threshold),
-        lambda detector, images, opts, advance: runs.localize(detector, images, opts, out, advance))
-    console.info(f"{summary.processed} image(s), {summary.anomalous} anomalous; gallery: {console.escape(str(out / 'index.html'))}")
-    raise typer.Exit(_exit_code(summary, problems))
+        lambda detector, images, opts, advance, everything: runs.localize(
+            detector, images, opts, out, advance, all_inputs=everything, write_index=everything is None))
+    summary, code = _finish(group, summary, problems)
+    if group.size > 1 and group.is_main:  # after the gather: every process has finished its share
+        write_gallery(out, summary.gallery)
+    if group.is_main:
+        console.info(f"{summary.processed} image(s), {summary.anomalous} anomalous; gallery: {console.escape(str(out / 'index.html'))}")
+    group.finish()
+    raise typer.Exit(code)
 
 
 @app.command("export-masks", epilog="Example:\n\n  decodiff export-masks model ./images --out masks/ --min-area 50\n\n" + EXIT_CODES_HELP)
@@ -273,12 +334,16 @@ def export_masks(
     """Binary masks (PNG, 0/255) at each image's resolution, from the calibrated pixel threshold."""
     from decodiff_cli import runs
 
-    summary, problems = _folder_job(
+    group, summary, problems = _folder_job(
         "masks", bundle, inputs, out, overwrite, device, dtype, batch_size,
         lambda detector: _options(detector, class_name, steps, None, pixel_threshold=threshold),
-        lambda detector, images, opts, advance: runs.export_masks(detector, images, opts, out, min_area, advance))
-    console.info(f"{summary.processed} mask(s) in {console.escape(str(out))}")
-    raise typer.Exit(_exit_code(summary, problems))
+        lambda detector, images, opts, advance, everything: runs.export_masks(
+            detector, images, opts, out, min_area, advance, all_inputs=everything))
+    summary, code = _finish(group, summary, problems)
+    if group.is_main:
+        console.info(f"{summary.processed} mask(s) in {console.escape(str(out))}")
+    group.finish()
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -34,6 +34,21 @@ class RunSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     outputs: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    gallery: list[GalleryEntry] = field(default_factory=list)  # localize's rows, in input order
+
+
+def merge(summaries: Iterable[RunSummary]) -> RunSummary:
+    """One summary from the processes' summaries (given in input order) of a split job."""
+    total = RunSummary()
+    for part in summaries:
+        total.processed += part.processed
+        total.anomalous += part.anomalous
+        total.failed += part.failed
+        total.outputs = total.outputs or part.outputs
+        total.gallery += part.gallery
+        for key, value in part.timings.items():
+            total.timings[key] = total.timings.get(key, 0.0) + value
+    return total
 
 
 def _predictions(detector: Detector, images: list[InputImage], opts: InferenceOptions, keep_corrected: bool = False):
@@ -69,11 +84,16 @@ def score(detector: Detector, images: list[InputImage], opts: InferenceOptions,
 
 
 def localize(detector: Detector, images: list[InputImage], opts: InferenceOptions, out_dir: Path,
-             advance: Callable[[], None] = lambda: None) -> RunSummary:
-    """Heatmap, overlay, corrected image and raw float TIFF per image, plus index.html."""
+             advance: Callable[[], None] = lambda: None, *, all_inputs: list[InputImage] | None = None,
+             write_index: bool = True) -> RunSummary:
+    """Heatmap, overlay, corrected image and raw float TIFF per image, plus index.html.
+
+    A process of a split job passes every input as ``all_inputs`` (output names depend on
+    the whole set) and ``write_index=False``: the main process writes the gallery from
+    every process's ``summary.gallery`` once they have all finished."""
     summary = RunSummary(outputs=out_dir)
-    paths = OutputPaths(out_dir, images)
-    entries: list[GalleryEntry] = []
+    paths = OutputPaths(out_dir, images if all_inputs is None else all_inputs)
+    entries = summary.gallery
     for image, pred in _predictions(detector, images, opts, keep_corrected=True):
         _tally(summary, pred)
         name = str(image.relative)
@@ -90,7 +110,8 @@ def localize(detector: Detector, images: list[InputImage], opts: InferenceOption
                                         is_anomalous=pred.is_anomalous, heatmap=target.heatmap,
                                         overlay=target.overlay, reconstruction=target.reconstruction))
         advance()
-    write_gallery(out_dir, entries)
+    if write_index:
+        write_gallery(out_dir, entries)
     return summary
 
 
@@ -103,10 +124,12 @@ def display_map(amap, pixel_threshold: float):
 
 
 def export_masks(detector: Detector, images: list[InputImage], opts: InferenceOptions, out_dir: Path,
-                 min_area: int = 0, advance: Callable[[], None] = lambda: None) -> RunSummary:
-    """Binary PNG masks (0/255) at the original resolution, from the pixel threshold."""
+                 min_area: int = 0, advance: Callable[[], None] = lambda: None, *,
+                 all_inputs: list[InputImage] | None = None) -> RunSummary:
+    """Binary PNG masks (0/255) at the original resolution, from the pixel threshold.
+    ``all_inputs``: every input of a split job (see localize)."""
     summary = RunSummary(outputs=out_dir)
-    paths = OutputPaths(out_dir, images)
+    paths = OutputPaths(out_dir, images if all_inputs is None else all_inputs)
     for image, pred in _predictions(detector, images, opts):
         _tally(summary, pred)
         if pred.error is None:
