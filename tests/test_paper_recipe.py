@@ -346,7 +346,33 @@ def test_time_budget_plans_within_the_warm_up(tmp_path):
     result = _train(cfg, _cache(8), tmp_path, budget_s=1.0, progress=records.append)
     planned = [r["max_steps"] for r in records]
     assert planned[:3] == [0, 0, 0] and planned[3] > 0  # planned at the warm-up's end (step 4)
-    assert result.schedule_steps == planned[-1] >= result.steps
+    assert result.schedule_steps == planned[-1] >= 4
+
+
+def test_a_plan_that_proves_short_goes_on_at_the_final_rate_and_replays(tmp_path):
+    """Slow first steps (a busy machine) plan too few steps; the run then uses the rest of
+    its budget at the schedule's final rate, and --max-steps P --stop-step S replays it."""
+    import time as clock
+
+    cfg = _tiny(warmup_steps=4, lr_floor=0.1)
+    records: list[dict] = []
+
+    def slow_start(record: dict) -> None:
+        records.append(record)
+        if record["step"] <= 4:
+            clock.sleep(0.15)
+
+    began = clock.monotonic()
+    result = _train(cfg, _cache(8), tmp_path / "budget", budget_s=2.0, progress=slow_start)
+    assert clock.monotonic() - began >= 1.5  # it used its budget instead of ending with the plan
+    assert result.steps > result.schedule_steps  # beyond the plan ...
+    beyond = [r["lr"] for r in records if r["step"] > result.schedule_steps]
+    assert beyond and all(lr == pytest.approx(cfg.train.lr * 0.1) for lr in beyond)  # ... at the final rate
+    replay = _train(_tiny(warmup_steps=4, lr_floor=0.1, max_steps=result.schedule_steps, stop_step=result.steps),
+                    _cache(8), tmp_path / "replay")
+    assert replay.steps == result.steps
+    for key, value in result.denoiser_state.items():
+        assert torch.equal(value, replay.denoiser_state[key]), key
 
 
 def test_posterior_samples_are_drawn_per_row_and_the_mean_is_kept():

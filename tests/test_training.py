@@ -224,10 +224,11 @@ def test_time_budget_records_the_steps_that_replay_it(budget_run, images, tmp_pa
     out, result, _ = budget_run
     train = json.loads((out / "config.json").read_text())["train"]
     assert train["steps_done"] == result.steps >= 1
-    assert train["max_steps"] >= result.steps  # the planned length the lr followed, not the clock
+    assert train["max_steps"] >= 1  # the planned length the lr followed, not the clock
+    assert (train["stop_step"] or train["max_steps"]) == result.steps  # where the run ended, if not at the plan
     assert _log(out)[-1]["max_steps"] == train["max_steps"]
     options = dict(max_steps=train["max_steps"], views=train["augment_variants"], seed=train["seed"])
-    if train["stop_step"]:  # the clock cut the plan short
+    if train["stop_step"]:  # the clock cut the plan short, or the run went on past it
         options["stop_step"] = train["stop_step"]
     replay = tmp_path / "replay"
     fit(_images(images), replay, _cfg(**options))

@@ -39,7 +39,7 @@ def fit(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Stop after this many epochs."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Finish within this many minutes, everything included (reading, encoding, statistics, calibration); the steps that fit are planned after timing the first ones and recorded in the bundle."),
-    stop_step: Optional[int] = typer.Option(None, "--stop-step", min=1, help="Stop after this step, keeping the lr schedule of --max-steps (replays a time-budget fit that the clock cut short: see `decodiff info`)."),
+    stop_step: Optional[int] = typer.Option(None, "--stop-step", min=1, help="Stop after this step, keeping the lr schedule of --max-steps (after it, its final rate): replays a time-budget fit (see `decodiff info`)."),
     views: Optional[int] = typer.Option(None, "--views", min=1, help="Encoded views per training image: the image and shifted copies (default 4; a time budget may encode fewer and records how many)."),
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),

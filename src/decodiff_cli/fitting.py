@@ -231,7 +231,7 @@ def record_training(train_cfg: TrainConfig, result, views: int) -> TrainConfig:
     record = dataclasses.replace(train_cfg, steps_done=result.steps, augment_variants=views)
     if train_cfg.time_budget_minutes > 0:
         record.max_steps = result.schedule_steps
-        if result.steps < result.schedule_steps:
+        if result.steps != result.schedule_steps:  # cut short by the clock, or continued at the final rate
             record.stop_step = result.steps
     return record
 

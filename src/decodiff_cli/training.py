@@ -15,8 +15,9 @@ any number of processes makes the same number of optimiser steps per epoch, and 
 weighted so that the gradient is the mean over the global batch however the rows are split.
 
 Under a time budget the schedule is fixed in steps after the first few (timed) steps: the
-run plans how many steps fit and its learning rate follows steps, not the clock, so
-``--max-steps <planned>`` with the same seed replays it.
+run plans how many steps fit and its learning rate follows steps, not the clock; if the
+plan ends early it goes on at the final rate until the clock ends it, so
+``--max-steps <planned> [--stop-step <done>]`` with the same seed replays it.
 """
 
 from __future__ import annotations
@@ -239,7 +240,11 @@ def train(
 
     def update_progress() -> None:
         state["elapsed"] = time.monotonic() - started
-        by_steps = state["step"] / length() if length() else 0.0
+        # A budgeted run whose plan proves short goes on at the schedule's final rate until
+        # the clock ends it (only an explicit step count caps it); --stop-step beyond
+        # --max-steps replays such a run.
+        end = max_steps if budget_s and state["planned"] else max(length(), tc.stop_step)
+        by_steps = state["step"] / end if end else 0.0
         by_time = state["elapsed"] / max(budget_s - reserve_s, 1e-6) if budget_s else 0.0
         state["progress"] = max(by_steps, by_time)
 
