@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from decodiff_cli import cli, cli_benchmark, cli_fit  # noqa: E402,F401  (register the commands)
+from decodiff_cli import cli  # noqa: E402,F401
 from decodiff_cli.config import (  # noqa: E402
     AutoencoderConfig,
     DenoiserConfig,

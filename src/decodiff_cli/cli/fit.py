@@ -10,19 +10,20 @@ import typer
 from rich.progress import TextColumn
 
 from decodiff_cli import console
-from decodiff_cli.cli import DEVICE_OPT, app, friendly_errors
+from decodiff_cli.cli.common import DEVICE_OPT, friendly_errors
 from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INPUTS_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from decodiff_cli.config import ALIGNED_BELOW
 from decodiff_cli.presets import PRESETS, build_config, read_config_file
 
+FIT_EPILOG = ("Examples:\n\n"
+              "  decodiff fit ./normal --out model\n\n"
+              "  decodiff fit mvtec/ --out unified --time-budget 30\n\n"
+              "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
+              "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP)
+CALIBRATE_EPILOG = "Example:\n\n  decodiff calibrate model ./more_normal --anomalous ./labelled_defects\n\n" + EXIT_CODES_HELP
+INFO_EPILOG = "Example:\n\n  decodiff info model"
 
-@app.command(
-    epilog="Examples:\n\n"
-    "  decodiff fit ./normal --out model\n\n"
-    "  decodiff fit mvtec/ --out unified --time-budget 30\n\n"
-    "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
-    "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP,
-)
+
 @friendly_errors
 def fit(
     ctx: typer.Context,
@@ -155,7 +156,6 @@ def _print_thresholds(bundle: Path) -> None:
                      f"{entry['pixel_threshold']:.4f} ({entry['rule']})")
 
 
-@app.command(epilog="Example:\n\n  decodiff calibrate model ./more_normal --anomalous ./labelled_defects\n\n" + EXIT_CODES_HELP)
 @friendly_errors
 def calibrate(
     bundle: Path = typer.Argument(..., help="The bundle whose thresholds to recompute.", show_default=False),
@@ -183,7 +183,6 @@ def calibrate(
     raise typer.Exit(_left_out(len(skipped), problems))
 
 
-@app.command(epilog="Example:\n\n  decodiff info model")
 @friendly_errors
 def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_default=False)) -> None:
     """A readable summary of a bundle: what it was trained on and how it scores."""
