@@ -134,6 +134,7 @@ def test_batch_rows_split_the_global_batch_between_processes():
     assert len(set(epoch[0] + epoch[1])) == 8  # no image twice within an epoch
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_writes_a_loadable_bundle_and_logs_the_last_step(baseline, images):
     out, rows, _ = baseline
     assert not work_dir_for(out).exists()  # checkpoints and cache are gone with success
@@ -146,6 +147,7 @@ def test_uninterrupted_run_writes_a_loadable_bundle_and_logs_the_last_step(basel
     assert prediction.error is None and np.isfinite(prediction.score)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights(baseline, images, tmp_path):
     reference, reference_rows, _ = baseline
     out = tmp_path / "model"
@@ -208,6 +210,7 @@ def budget_run(images, tmp_path_factory):
     return out, result, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_time_budget_covers_everything_fit_does(budget_run):
     out, result, seconds = budget_run
     assert not work_dir_for(out).exists()
@@ -220,6 +223,7 @@ def test_time_budget_covers_everything_fit_does(budget_run):
     Detector.load(out, device="cpu")
 
 
+@pytest.mark.slow
 def test_time_budget_records_the_steps_that_replay_it(budget_run, images, tmp_path):
     out, result, _ = budget_run
     train = json.loads((out / "config.json").read_text())["train"]
@@ -234,6 +238,7 @@ def test_time_budget_records_the_steps_that_replay_it(budget_run, images, tmp_pa
     _assert_same_weights(replay, out)
 
 
+@pytest.mark.slow
 def test_latent_cache_on_disk_trains_the_same_model(baseline, images, tmp_path, monkeypatch):
     monkeypatch.setattr(latent_cache, "RAM_LIMIT_BYTES", 1024)  # any real cache is larger
     events: dict[str, dict] = {}
@@ -276,6 +281,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 def test_two_processes_make_the_same_steps_and_one_bundle(baseline, images, tmp_path):
     reference, reference_rows, one_process_s = baseline
