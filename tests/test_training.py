@@ -31,6 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import Events
 from decodiff_cli import latent_cache
 from decodiff_cli.bundle import DENOISER, TRAINING_LOG
 from decodiff_cli.detector import Detector
@@ -164,7 +165,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(baseline, 
     with pytest.MonkeyPatch.context() as mp:
         rows = _record_rows(mp)
         result = fit(_images(images), out, _cfg(max_steps=STEPS), resume=True,
-                     on_event=lambda kind, info: steps.append(info["step"]) if kind == "step" else None)
+                     progress=Events(lambda kind, info: steps.append(info["step"]) if kind == "step" else None))
     assert steps == list(range(6, STEPS + 1))  # continues from the saved step, not from 0
     assert rows == reference_rows[5:]  # and with the batches the uninterrupted run had
     assert result.steps == STEPS
@@ -243,7 +244,7 @@ def test_latent_cache_on_disk_trains_the_same_model(baseline, images, tmp_path, 
     monkeypatch.setattr(latent_cache, "RAM_LIMIT_BYTES", 1024)  # any real cache is larger
     events: dict[str, dict] = {}
     out = tmp_path / "model"
-    fit(_images(images), out, _cfg(max_steps=STEPS), on_event=lambda kind, info: events.setdefault(kind, info))
+    fit(_images(images), out, _cfg(max_steps=STEPS), progress=Events(lambda kind, info: events.setdefault(kind, info)))
     assert events["cache"]["on_disk"] is True
     assert not work_dir_for(out).exists()  # the .npy cache went with the work folder
     _assert_same_weights(out, baseline[0])  # float16 latents, in RAM or memory-mapped
