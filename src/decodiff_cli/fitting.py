@@ -29,6 +29,7 @@ from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
 from decodiff_cli.config import FitStatistics, LatentScaling, ModelConfig, TrainConfig
+from decodiff_cli.datasets import find_mask
 from decodiff_cli.images import ImageReadError, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
@@ -467,12 +468,6 @@ def _cpu_only_launch() -> bool:
     return not torch.cuda.is_available()
 
 
-def mvtec_mask(path: Path) -> Path | None:
-    """MVTec layout: <cat>/test/<defect>/<id>.png -> <cat>/ground_truth/<defect>/<id>_mask.png."""
-    candidate = path.parent.parent.parent / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-    return candidate if candidate.is_file() else None
-
-
 def _report(skip: Skip | None, path: Path, err: ImageReadError) -> None:
     if skip is None:
         raise err
@@ -490,7 +485,7 @@ def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str],
         names = [part for part in path.parts if part in categories]
         if not names and len(categories) > 1:
             raise ValueError(f"{path}: cannot tell which class this anomaly belongs to (no class folder in its path)")
-        mask_path = mvtec_mask(path)
+        mask_path = find_mask(path)
         try:
             mask = mask_to_model_space(mask_path, cfg.preprocess) if mask_path else None
             tensor = load_image(path, cfg.preprocess).tensor
