@@ -39,7 +39,8 @@ from torch.nn import functional as F
 
 from decodiff_cli.anomaly_map import gaussian_blur
 from decodiff_cli.autoencoders import load_autoencoder
-from decodiff_cli.benchmark import IMAGE_EXTS, PROTOCOLS, discover
+from decodiff_cli.benchmark import PROTOCOLS, discover
+from decodiff_cli.datasets import IMAGE_SUFFIXES
 from decodiff_cli.config import PreprocessConfig
 from decodiff_cli.images import load_image
 from decodiff_cli.latents import LatentScaler, fit_scaling
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if not train_dir.is_dir():
             print(f"error: {cat.name}: no training images in {train_dir} (MVTec layout needed)", file=sys.stderr)
             return 2
-        all_train = sorted(p for p in train_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        all_train = sorted(p for p in train_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         train = evenly_spaced(all_train, args.max_train)
         started = time.perf_counter()
         print(f"{cat.name}: {len(train)} of {len(all_train)} training images, {len(cat.samples)} test images")

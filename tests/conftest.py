@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from decodiff_cli import cli, cli_benchmark, cli_fit  # noqa: E402,F401  (register the commands)
+from decodiff_cli import cli  # noqa: E402,F401
+from decodiff_cli.progress import FitProgress  # noqa: E402
 from decodiff_cli.config import (  # noqa: E402
     AutoencoderConfig,
     DenoiserConfig,
@@ -140,3 +141,44 @@ def decodiff_process(*args, **popen_kw) -> subprocess.Popen:
     env.pop("DECODIFF_DEBUG", None)
     return subprocess.Popen([sys.executable, "-m", "decodiff_cli", *map(os.fspath, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_kw)
+
+
+class Events(FitProgress):
+    """A FitProgress that hands each event to ``callback(kind, info)``: tests look at the
+    events by name."""
+
+    def __init__(self, callback) -> None:
+        self.callback = callback
+
+    def note(self, message):
+        self.callback("note", {"message": message})
+
+    def skipped(self, path, reason):
+        self.callback("skipped", {"path": path, "reason": reason})
+
+    def images(self, train, holdout, categories, skipped):
+        self.callback("images", {"train": train, "holdout": holdout, "categories": categories, "skipped": skipped})
+
+    def encoding(self, done, total):
+        self.callback("encode", {"done": done, "total": total})
+
+    def cache(self, nbytes, on_disk, images, views):
+        self.callback("cache", {"bytes": nbytes, "on_disk": on_disk, "images": images, "views": views})
+
+    def alignment(self, alignment, aligned):
+        self.callback("alignment", {"alignment": alignment, "aligned": aligned})
+
+    def novelty(self, images):
+        self.callback("novelty", {"images": images})
+
+    def budget_warning(self, minutes, spent_s, after_s, training_s):
+        self.callback("warning", {"minutes": minutes, "spent_s": spent_s, "after_s": after_s, "training_s": training_s})
+
+    def step(self, record):
+        self.callback("step", record)
+
+    def reference(self, images):
+        self.callback("reference", {"images": images})
+
+    def calibrate(self, images):
+        self.callback("calibrate", {"images": images})

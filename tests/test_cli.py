@@ -120,7 +120,7 @@ def test_info_on_session_bundle(invoke, bundle):
 
 
 def test_info_shows_the_paper_recipe():
-    from decodiff_cli.cli_fit import _describe_map, describe_training
+    from decodiff_cli.cli.fit import _describe_map, describe_training
     from decodiff_cli.presets import build_config
 
     cfg = build_config("paper", {})

@@ -36,7 +36,7 @@ SHIM = """
 import contextlib, json, os, sys, time
 from pathlib import Path
 sys.argv[0] = "decodiff"
-from decodiff_cli import cli, cli_fit, cli_benchmark, runs
+from decodiff_cli import cli, runs
 if os.environ.get("FAULT") and os.environ["RANK"] == "1":
     def localize(*args, **kwargs):
         if os.environ["FAULT"] == "die":

@@ -15,7 +15,7 @@ from decodiff_cli.detector import Detector
 from decodiff_cli.images import load_image
 from decodiff_cli.presets import build_config
 
-from conftest import CATEGORY, tiny_config
+from conftest import CATEGORY, Events, tiny_config
 from test_taesd_folder import TINY_PLAIN, _random_net, _write_pair
 
 
@@ -153,7 +153,7 @@ def test_pixel_backend_fits_without_the_feature_term(category_dir, tmp_path):
     cfg = tiny_config(max_steps=2)
     cfg.anomaly_map = MapConfig(combine="arithmetic", features=True)
     events = []
-    fit(images, tmp_path / "model", cfg, on_event=lambda kind, info: events.append((kind, info)))
+    fit(images, tmp_path / "model", cfg, progress=Events(lambda kind, info: events.append((kind, info))))
     assert not read_bundle(tmp_path / "model").config.anomaly_map.features
     assert any(kind == "note" and "decoder features" in info["message"] for kind, info in events)
 

@@ -229,6 +229,7 @@ def _run_with_limit(fn, seconds: float):
     return outcome[0]
 
 
+@pytest.mark.slow
 def test_damaged_files_never_stop_a_batch(bundle, corpus):
     from decodiff_cli.detector import Detector
 
@@ -249,6 +250,7 @@ def test_damaged_files_never_stop_a_batch(bundle, corpus):
     assert must_fail <= failed, sorted(p.name for p in must_fail - failed)
 
 
+@pytest.mark.slow
 def test_damaged_files_through_the_cli(invoke, bundle, corpus):
     folder, valid, broken = corpus
     result = _run_with_limit(lambda: invoke("score", bundle, folder, "--format", "jsonl"), 120)

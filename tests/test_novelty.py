@@ -15,7 +15,7 @@ from decodiff_cli.detector import Detector
 from decodiff_cli.novelty import nearest_distance, neighbourhood, normal_bank, novelty_scale
 from decodiff_cli.presets import build_config
 
-from conftest import CATEGORY, as_format_1, tiny_config
+from conftest import CATEGORY, Events, as_format_1, tiny_config
 
 
 def _texture(n: int, seed: int = 0) -> torch.Tensor:
@@ -111,7 +111,7 @@ def novelty_bundle(tmp_path_factory, category_dir):
     cfg.anomaly_map = MapConfig(combine="arithmetic", novelty=True, novelty_bank=100)
     out = tmp_path_factory.mktemp("novelty") / "model"
     events = []
-    fit(images, out, cfg, on_event=lambda kind, info: events.append(kind))
+    fit(images, out, cfg, progress=Events(lambda kind, info: events.append(kind)))
     assert "novelty" in events
     return out
 

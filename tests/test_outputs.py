@@ -247,6 +247,7 @@ def _append_records(path: str, fmt: str, tag: str, n: int) -> None:
             w.write(Record(f"{tag}/img_{i:04d}.png", "cls", i / n, 0.5, None, i % 2 == 0, None))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_concurrent_appends_from_two_processes(tmp_path, fmt):
     path, n = str(tmp_path / f"scores.{fmt}"), 300

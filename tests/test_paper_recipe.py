@@ -340,6 +340,7 @@ def test_resuming_with_ema_puts_the_average_beside_the_model(tmp_path):
     assert result.steps == 4
 
 
+@pytest.mark.slow
 def test_time_budget_plans_within_the_warm_up(tmp_path):
     cfg = _tiny(warmup_steps=4)
     records: list[dict] = []

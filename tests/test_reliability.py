@@ -513,6 +513,7 @@ def test_nan_producing_model_reports_the_image_as_failed(bundle, good, monkeypat
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_share_one_log(bundle, category_dir, test_images, tmp_path):
     log = tmp_path / "same.jsonl"
     args = ("score", bundle, category_dir / "test", "--output", log, "--skip-existing")
@@ -582,6 +583,7 @@ def test_benchmark_stops_at_an_unreadable_file_naming_it(invoke, bundle, categor
 # ----------------------------------------------------------------------- interrupted fit
 
 
+@pytest.mark.slow
 def test_sigterm_during_fit_then_resume(invoke, category_dir, tmp_path):
     out = tmp_path / "model"
     work = tmp_path / "model.work"

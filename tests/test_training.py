@@ -31,6 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import Events
 from decodiff_cli import latent_cache
 from decodiff_cli.bundle import DENOISER, TRAINING_LOG
 from decodiff_cli.detector import Detector
@@ -134,6 +135,7 @@ def test_batch_rows_split_the_global_batch_between_processes():
     assert len(set(epoch[0] + epoch[1])) == 8  # no image twice within an epoch
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_writes_a_loadable_bundle_and_logs_the_last_step(baseline, images):
     out, rows, _ = baseline
     assert not work_dir_for(out).exists()  # checkpoints and cache are gone with success
@@ -146,6 +148,7 @@ def test_uninterrupted_run_writes_a_loadable_bundle_and_logs_the_last_step(basel
     assert prediction.error is None and np.isfinite(prediction.score)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights(baseline, images, tmp_path):
     reference, reference_rows, _ = baseline
     out = tmp_path / "model"
@@ -162,7 +165,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(baseline, 
     with pytest.MonkeyPatch.context() as mp:
         rows = _record_rows(mp)
         result = fit(_images(images), out, _cfg(max_steps=STEPS), resume=True,
-                     on_event=lambda kind, info: steps.append(info["step"]) if kind == "step" else None)
+                     progress=Events(lambda kind, info: steps.append(info["step"]) if kind == "step" else None))
     assert steps == list(range(6, STEPS + 1))  # continues from the saved step, not from 0
     assert rows == reference_rows[5:]  # and with the batches the uninterrupted run had
     assert result.steps == STEPS
@@ -208,6 +211,7 @@ def budget_run(images, tmp_path_factory):
     return out, result, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_time_budget_covers_everything_fit_does(budget_run):
     out, result, seconds = budget_run
     assert not work_dir_for(out).exists()
@@ -220,6 +224,7 @@ def test_time_budget_covers_everything_fit_does(budget_run):
     Detector.load(out, device="cpu")
 
 
+@pytest.mark.slow
 def test_time_budget_records_the_steps_that_replay_it(budget_run, images, tmp_path):
     out, result, _ = budget_run
     train = json.loads((out / "config.json").read_text())["train"]
@@ -235,11 +240,12 @@ def test_time_budget_records_the_steps_that_replay_it(budget_run, images, tmp_pa
     _assert_same_weights(replay, out)
 
 
+@pytest.mark.slow
 def test_latent_cache_on_disk_trains_the_same_model(baseline, images, tmp_path, monkeypatch):
     monkeypatch.setattr(latent_cache, "RAM_LIMIT_BYTES", 1024)  # any real cache is larger
     events: dict[str, dict] = {}
     out = tmp_path / "model"
-    fit(_images(images), out, _cfg(max_steps=STEPS), on_event=lambda kind, info: events.setdefault(kind, info))
+    fit(_images(images), out, _cfg(max_steps=STEPS), progress=Events(lambda kind, info: events.setdefault(kind, info)))
     assert events["cache"]["on_disk"] is True
     assert not work_dir_for(out).exists()  # the .npy cache went with the work folder
     _assert_same_weights(out, baseline[0])  # float16 latents, in RAM or memory-mapped
@@ -277,6 +283,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 def test_two_processes_make_the_same_steps_and_one_bundle(baseline, images, tmp_path):
     reference, reference_rows, one_process_s = baseline

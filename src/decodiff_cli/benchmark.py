@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .datasets import IMAGE_SUFFIXES, NORMAL, find_mask, mask_candidates
 from .images import ImageReadError, decode_file, image_size, read_bytes
 from .metrics import METRIC_KEYS, Curve, compute_metrics
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 PROTOCOLS = {"paper": (288, 256), "full": (256, 256)}  # name -> (resize side, crop side)
 NATIVE = "native"  # every image at its ground truth's own resolution
 PROTOCOL_NAMES = (*PROTOCOLS, NATIVE)
-NORMAL = "good"  # the normal "defect" folder; VisA's normal/anomaly become good/bad
 Predict = Callable[[list[Path], str], Iterable[np.ndarray | tuple[np.ndarray, float]]]
 Progress = Callable[[str, int, int], None]  # (category, maps done, maps in category)
 
@@ -93,15 +92,13 @@ def _mvtec_category(folder: Path, name: str) -> Category:
     samples = []
     for defect_dir in sorted(p for p in (folder / "test").iterdir() if p.is_dir()):
         defect = defect_dir.name
-        for image in sorted(p for p in defect_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+        for image in sorted(p for p in defect_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             mask = None
             if defect != NORMAL:
-                gt = folder / "ground_truth" / defect
-                options = [gt / f"{image.stem}_mask.png", gt / f"{image.stem}.png"]
-                mask = next((m for m in options if m.is_file()), None)
+                mask = find_mask(image)
                 if mask is None:
                     raise ValueError(f"mask missing for defective image {image}: "
-                                     f"expected {options[0]}")
+                                     f"expected {mask_candidates(image)[0]}")
             samples.append(Sample(image, mask, defect, int(defect != NORMAL)))
     return Category(name, samples)
 

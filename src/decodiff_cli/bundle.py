@@ -31,9 +31,11 @@ from typing import Any
 import torch
 
 from decodiff_cli.config import ModelConfig
+from decodiff_cli.datasets import BUNDLE_CONFIG, BUNDLE_DENOISER, is_bundle  # noqa: F401  (is_bundle: re-exported)
 
-CONFIG, CALIBRATION, CHECKSUMS = "config.json", "calibration.json", "checksums.json"
-DENOISER, AUTOENCODER, TRAINING_LOG = "denoiser.safetensors", "autoencoder.safetensors", "training_log.jsonl"
+CONFIG, DENOISER = BUNDLE_CONFIG, BUNDLE_DENOISER
+CALIBRATION, CHECKSUMS = "calibration.json", "checksums.json"
+AUTOENCODER, TRAINING_LOG = "autoencoder.safetensors", "training_log.jsonl"
 REFERENCE = "normal_reference.safetensors"
 NORMAL_LATENTS = "normal_latents.safetensors"
 
@@ -50,10 +52,6 @@ class Bundle:
 
     def files(self) -> dict[str, int]:
         return {p.name: p.stat().st_size for p in sorted(self.path.iterdir()) if p.is_file()}
-
-
-def is_bundle(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / DENOISER).is_file()
 
 
 def _sha256(path: Path) -> str:

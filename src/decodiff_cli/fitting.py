@@ -4,7 +4,7 @@ calibrated thresholds -> bundle.
 ``fit`` runs named steps; those that measure return what they measured (the latent
 scaling, ``FitStatistics``, the normal reference and banks) rather than editing settings.
 
-Reports progress through a callback (``on_event(kind, info)``) and never prints, so the
+Reports progress through a ``FitProgress`` (progress.py: one method per event) and never prints, so the
 CLI decides how things look and tests can run it directly.
 """
 
@@ -29,14 +29,15 @@ from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
 from decodiff_cli.config import FitStatistics, LatentScaling, ModelConfig, TrainConfig
+from decodiff_cli.datasets import find_mask
 from decodiff_cli.images import ImageReadError, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
 from decodiff_cli.novelty import normal_bank, novelty_scale
+from decodiff_cli.progress import NO_PROGRESS, FitProgress
 
 MIN_IMAGES = 4  # per category: at least 3 to train on and 1 to calibrate with
 
-Event = Callable[[str, dict[str, Any]], None]
 Skip = Callable[[str, str], None]  # (path, reason) of an input left out
 
 
@@ -74,7 +75,7 @@ def encoding_limit(minutes: float) -> float | None:
     return minutes * 60 * ENCODING_SHARE if minutes > 0 else None
 
 
-def training_budget(minutes: float, spent_s: float, emit: Event, after_s: float = 0.0) -> float:
+def training_budget(minutes: float, spent_s: float, progress: FitProgress = NO_PROGRESS, after_s: float = 0.0) -> float:
     """Seconds left for training once images are read and encoded, and ``after_s`` (the
     estimated cost of what follows training) kept aside (0: no budget). At least a tenth of
     the budget is always trained, even if the rest overran it."""
@@ -82,9 +83,7 @@ def training_budget(minutes: float, spent_s: float, emit: Event, after_s: float 
         return 0.0
     left = max(minutes * 60 - spent_s - after_s, minutes * 6)
     if spent_s + after_s > minutes * 30:
-        emit("warning", {"message": f"the steps before training (reading, encoding, normal latents) took {spent_s / 60:.1f} "
-                                    f"of the {minutes:g} budgeted minutes and those after it need about {after_s / 60:.1f}; "
-                                    f"training gets {left / 60:.1f}"})
+        progress.budget_warning(minutes=minutes, spent_s=spent_s, after_s=after_s, training_s=left)
     return left
 
 
@@ -270,7 +269,7 @@ def fit(
     class_conditional: bool | None = None,
     anomalous: list[Path] | None = None,
     accelerator=None,
-    on_event: Event | None = None,
+    progress: FitProgress | None = None,
     should_stop: Callable[[int], bool] | None = None,
 ) -> FitResult:
     """``should_stop(step)``: see training.train; True stops with a resumable checkpoint."""
@@ -296,7 +295,7 @@ def fit(
         # write the same bundle and delete the same work folder.
         raise ValueError(f"launched as {launched} processes, but accelerate sees {accelerator.num_processes}")
     # Progress comes from the main process only: N copies of every message help nobody.
-    emit = (on_event or (lambda kind, info: None)) if main else (lambda kind, info: None)
+    report = (progress or NO_PROGRESS) if main else NO_PROGRESS
     work = work_dir_for(out)
     if resume and not (work / "checkpoint" / "trainer_state.json").is_file():
         raise ValueError(f"nothing to resume: no checkpoint in {work / 'checkpoint'}")
@@ -305,7 +304,7 @@ def fit(
     autoencoder = load_autoencoder(cfg.autoencoder.spec).to(accelerator.device)  # fails fast when offline
     if cfg.anomaly_map.features and not autoencoder.feature_stages():
         cfg.anomaly_map.features = False
-        emit("note", {"message": f"autoencoder {cfg.autoencoder.spec!r} has no decoder features: the map goes without its feature term"})
+        report.note(f"autoencoder {cfg.autoencoder.spec!r} has no decoder features: the map goes without its feature term")
 
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
@@ -315,7 +314,7 @@ def fit(
         if strict:
             raise ValueError(f"{reason} (--strict stops at the first unreadable file)")
         skipped.append((path, reason))
-        emit("skipped", {"path": path, "reason": reason})
+        report.skipped(path, reason)
 
     for index, name in enumerate(categories):
         usable, bad = usable_images(images[name], cfg, strict)
@@ -326,8 +325,7 @@ def fit(
         train_part, holdout[name] = split_holdout(usable, cfg.train.holdout_fraction, cfg.train.min_holdout, cfg.train.seed)
         train_paths += train_part
         labels += [index] * len(train_part)
-    emit("images", {"train": len(train_paths), "holdout": sum(map(len, holdout.values())), "skipped": skipped,
-                    "categories": categories})
+    report.images(train=len(train_paths), holdout=sum(map(len, holdout.values())), categories=categories, skipped=skipped)
 
     # 2. the frozen autoencoder (loaded above), and every training view encoded once
     spec = cfg.autoencoder.spec
@@ -358,7 +356,7 @@ def fit(
                 cache = build_cache(encoded, len(train_paths), autoencoder, cfg.train, accelerator.device,
                                     folder=work / "cache", key=key,
                                     time_limit_s=encoding_limit(cfg.train.time_budget_minutes),
-                                    progress=lambda done, total: emit("encode", {"done": done, "total": total}))
+                                    progress=report.encoding)
             break
         except _LostImage as lost:
             skip(str(train_paths[lost.index]), str(lost.error))
@@ -366,20 +364,19 @@ def fit(
             del train_paths[lost.index]
             if name not in [categories[i] for i in labels]:
                 raise ValueError(f"class {name!r} has no readable training image left") from None
-    emit("cache", {"bytes": cache.nbytes, "on_disk": cache.on_disk, "images": cache.num_images,
-                   "views": cache.latents.shape[1]})
+    report.cache(nbytes=cache.nbytes, on_disk=cache.on_disk, images=cache.num_images, views=int(cache.latents.shape[1]))
     cfg.latent_scaling = measure_scaling(cache, cfg.latent_scaling)
     cfg.measured = measure_latents(cache, labels, categories, cfg)
     if cfg.anomaly_map.reference == "auto":
         aligned = [name for name in categories if cfg.has_own_reference(name)]
         cfg.anomaly_map.reference = "position" if aligned else "none"
-        emit("alignment", {"alignment": cfg.measured.alignment, "aligned": aligned})
+        report.alignment(cfg.measured.alignment, aligned)
 
     # The novelty term's normal latents need no trained model: stored before training, so
     # that a time budget knows what is left after it.
     banks = None
     if main and cfg.anomaly_map.novelty:
-        emit("novelty", {"images": len(labels)})
+        report.novelty(images=len(labels))
         scaler = LatentScaler(cfg.latent_scaling)
         banks, cfg.measured.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank)
     labelled = load_anomalous(anomalous or [], cfg, categories, skip) if main else {}
@@ -394,8 +391,8 @@ def fit(
         log_file.unlink(missing_ok=True)
         (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     result = train(cfg, cache, torch.tensor(labels), accelerator, work / "checkpoint", resume=resume,
-                   progress=lambda record: emit("step", record), log_file=log_file, should_stop=should_stop,
-                   budget_s=training_budget(cfg.train.time_budget_minutes, time.monotonic() - began, emit, after_s))
+                   progress=report.step, log_file=log_file, should_stop=should_stop,
+                   budget_s=training_budget(cfg.train.time_budget_minutes, time.monotonic() - began, report, after_s))
     cfg.train = record_training(cfg.train, result, views=int(cache.latents.shape[1]))
 
     # 4. calibrate on the held-out images, write the bundle (one writer)
@@ -408,10 +405,10 @@ def fit(
         denoiser.load_state_dict(result.denoiser_state)
         model = DecoDiffModel(cfg, autoencoder, denoiser, accelerator.device, normal_latents=banks)
         if cfg.anomaly_map.reference != "none" or cfg.anomaly_map.features:
-            emit("reference", {"images": sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
-                                             if cfg.anomaly_map.features or cfg.has_own_reference(name))})
+            report.reference(images=sum(min(labels.count(i), REFERENCE_IMAGES) for i, name in enumerate(categories)
+                                        if cfg.anomaly_map.features or cfg.has_own_reference(name)))
             model.reference, cfg.measured.feature_scales = normal_statistics(model, cache, labels, categories)
-        emit("calibrate", {"images": sum(map(len, holdout.values()))})
+        report.calibrate(images=sum(map(len, holdout.values())))
         calibration = calibrate_model(model, holdout, labelled, skip)
         write_bundle(out, cfg, result.denoiser_state, autoencoder.state_dict(), calibration, log_file,
                      overwrite=overwrite or resume, reference=model.reference, normal_latents=banks)
@@ -471,12 +468,6 @@ def _cpu_only_launch() -> bool:
     return not torch.cuda.is_available()
 
 
-def mvtec_mask(path: Path) -> Path | None:
-    """MVTec layout: <cat>/test/<defect>/<id>.png -> <cat>/ground_truth/<defect>/<id>_mask.png."""
-    candidate = path.parent.parent.parent / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-    return candidate if candidate.is_file() else None
-
-
 def _report(skip: Skip | None, path: Path, err: ImageReadError) -> None:
     if skip is None:
         raise err
@@ -494,7 +485,7 @@ def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str],
         names = [part for part in path.parts if part in categories]
         if not names and len(categories) > 1:
             raise ValueError(f"{path}: cannot tell which class this anomaly belongs to (no class folder in its path)")
-        mask_path = mvtec_mask(path)
+        mask_path = find_mask(path)
         try:
             mask = mask_to_model_space(mask_path, cfg.preprocess) if mask_path else None
             tensor = load_image(path, cfg.preprocess).tensor

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-    | {".ppm", ".pgm", ".pbm", ".pnm"}  # compared lower-cased: .PNG and .Jpg count too
-)
+from decodiff_cli.datasets import IMAGE_SUFFIXES, is_bundle, is_image_name
+
 Problem = tuple[str, str]
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
@@ -38,10 +36,6 @@ class InputImage:
             except ValueError:
                 pass
         return Path(self.path.name)
-
-
-def is_image_name(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _show(path: str | os.PathLike) -> str:
@@ -183,11 +177,6 @@ def expand_inputs(
 # may not enter), where pathlib's raise in Python 3.11.
 
 
-def _is_bundle(folder: Path) -> bool:
-    # bundle.py's file names, not imported: that module pulls in torch, this one must not.
-    return all(os.path.isfile(folder / name) for name in ("config.json", "denoiser.safetensors"))
-
-
 def _name(folder: Path) -> str:
     return Path(os.path.abspath(folder)).name  # "." and ".." become real names
 
@@ -223,7 +212,7 @@ def _category_of_folder(folder: Path) -> str:
 def _add_folder(
     item: str, folder: Path, by_category: dict[str, list[InputImage]], problems: list[Problem]
 ) -> None:
-    if _is_bundle(folder):
+    if is_bundle(folder):
         raise ValueError(f"{item} is a decodiff bundle, not a folder of images")
     for category, images in _training_folders(folder):
         files, probs = _walk(images)

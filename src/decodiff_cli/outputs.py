@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from decodiff_cli.datasets import is_mvtec_test_image
+
 PathLike = str | os.PathLike
 
 # Read once: mkstemp creates files 0600, we want what a plain open() would give.
@@ -127,17 +129,6 @@ def _fit(name: str, limit: int = 200) -> str:
     return name if len(raw) <= limit else os.fsdecode(raw[: limit - 9]) + "-" + _short_hash(name)
 
 
-def _is_mvtec(path: str) -> bool:
-    """``.../<category>/test/<defect>/<file>`` where the category also holds ``train`` or
-    ``ground_truth``: the sibling check keeps any folder that happens to be named 'test'
-    from being taken for MVTec."""
-    parts = Path(path).parts
-    if len(parts) < 5 or parts[-3] != "test":  # parts[0] is '/', so 5 = category and below
-        return False
-    category = Path(*parts[:-3])
-    return any((category / d).is_dir() for d in ("train", "ground_truth"))
-
-
 def relative_stem(path: PathLike, root: PathLike | None = None) -> tuple[str, ...]:
     """Folders and file stem an input's outputs are named after, before disambiguation.
 
@@ -150,7 +141,7 @@ def relative_stem(path: PathLike, root: PathLike | None = None) -> tuple[str, ..
     p = os.path.abspath(path)  # lexical: removes '..' and makes relative paths absolute
     parts = Path(p).parts[1:]
     rel: tuple[str, ...] = parts[-1:]
-    if _is_mvtec(p):
+    if is_mvtec_test_image(p):
         rel = parts[-4:]
     elif root is not None and _is_within(p, os.path.abspath(root)) and p != os.path.abspath(root):
         rel = Path(p).relative_to(os.path.abspath(root)).parts

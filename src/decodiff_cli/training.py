@@ -230,6 +230,8 @@ def train(
     this_run = (time.monotonic(), state["step"])  # for images/s: only steps made in this process
     step_times: list[tuple[float, int]] = []  # (end, step) of this process's steps, until the plan
     reserve_s = 0.0  # the final checkpoint's measured cost, kept out of a time budget
+    report = _Reporter(progress, log_file, accelerator.is_main_process, optimizer, steps_per_epoch, batch, world,
+                       run_start=this_run[0], run_first_step=this_run[1])
 
     def save_checkpoint() -> None:
         accelerator.wait_for_everyone()
@@ -298,8 +300,7 @@ def train(
             scheduler.step()
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), state["step"])
-            _report(progress, log_file, accelerator, state, steps_per_epoch, length(), budget_s, batch,
-                    loss_value, optimizer, this_run, world)
+            report(state, max_steps=length(), budget_s=budget_s, loss=loss_value)
             if time.monotonic() - last_save > CHECKPOINT_EVERY_S:
                 save_checkpoint()
                 last_save = time.monotonic()
@@ -307,8 +308,7 @@ def train(
     # The log keeps every 10th step; the last one is always written, so the bundle's log
     # says how many optimiser steps were made (and with what final loss).
     if state["step"] % 10 and state["step"] > 1 and state["step"] > this_run[1]:
-        _report(None, log_file, accelerator, state, steps_per_epoch, length(), budget_s, batch,
-                loss_value, optimizer, this_run, world, force=True)
+        report(state, max_steps=length(), budget_s=budget_s, loss=loss_value, force=True, notify=False)
     save_checkpoint()  # the finished state: a crash while writing the bundle loses nothing
     weights = ema.state_dict() if ema is not None else accelerator.unwrap_model(model).state_dict()
     return TrainingResult(
@@ -420,26 +420,40 @@ def _truncate_log(log_file: Path, step: int) -> None:
     log_file.write_text("".join(kept))
 
 
-def _report(progress, log_file, accelerator, state, steps_per_epoch, max_steps, budget_s, batch,
-            loss_value, optimizer, this_run, world, force=False) -> None:
-    if not accelerator.is_main_process:
-        return
-    run_start, run_first_step = this_run
-    rate = (state["step"] - run_first_step) * batch / max(time.monotonic() - run_start, 1e-9)
-    record = {
-        "step": state["step"],
-        "epoch": round(state["step"] / steps_per_epoch, 3),
-        "loss": loss_value,
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": round(rate, 2),
-        "elapsed_s": round(state["elapsed"], 2),
-        "progress": round(state["progress"], 4),
-        "max_steps": max_steps,
-        "budget_s": budget_s,
-        "processes": world,
-    }
-    if log_file is not None and (force or state["step"] % 10 == 0 or state["step"] == 1):
-        with open(log_file, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-    if progress is not None:
-        progress(record)
+@dataclass
+class _Reporter:
+    """One record per step: written to the training log (every 10th step, the first, and
+    when forced) and passed to ``progress``, on the main process only."""
+
+    progress: Progress | None
+    log_file: Path | None
+    is_main: bool
+    optimizer: Any
+    steps_per_epoch: int
+    batch: int  # images per step, for images/s
+    world: int
+    run_start: float  # when this process's run started, and at which step: images/s counts
+    run_first_step: int  # only the steps made in this process
+
+    def __call__(self, state: dict[str, Any], *, max_steps: int, budget_s: float, loss: float,
+                 force: bool = False, notify: bool = True) -> None:
+        if not self.is_main:
+            return
+        rate = (state["step"] - self.run_first_step) * self.batch / max(time.monotonic() - self.run_start, 1e-9)
+        record = {
+            "step": state["step"],
+            "epoch": round(state["step"] / self.steps_per_epoch, 3),
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": round(rate, 2),
+            "elapsed_s": round(state["elapsed"], 2),
+            "progress": round(state["progress"], 4),
+            "max_steps": max_steps,
+            "budget_s": budget_s,
+            "processes": self.world,
+        }
+        if self.log_file is not None and (force or state["step"] % 10 == 0 or state["step"] == 1):
+            with open(self.log_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if notify and self.progress is not None:
+            self.progress(record)

@@ -10,19 +10,21 @@ import typer
 from rich.progress import TextColumn
 
 from decodiff_cli import console
-from decodiff_cli.cli import DEVICE_OPT, app, friendly_errors
+from decodiff_cli.cli.common import DEVICE_OPT, friendly_errors
 from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INPUTS_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from decodiff_cli.config import ALIGNED_BELOW
 from decodiff_cli.presets import PRESETS, build_config, read_config_file
+from decodiff_cli.progress import FitProgress
+
+FIT_EPILOG = ("Examples:\n\n"
+              "  decodiff fit ./normal --out model\n\n"
+              "  decodiff fit mvtec/ --out unified --time-budget 30\n\n"
+              "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
+              "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP)
+CALIBRATE_EPILOG = "Example:\n\n  decodiff calibrate model ./more_normal --anomalous ./labelled_defects\n\n" + EXIT_CODES_HELP
+INFO_EPILOG = "Example:\n\n  decodiff info model"
 
 
-@app.command(
-    epilog="Examples:\n\n"
-    "  decodiff fit ./normal --out model\n\n"
-    "  decodiff fit mvtec/ --out unified --time-budget 30\n\n"
-    "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
-    "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP,
-)
 @friendly_errors
 def fit(
     ctx: typer.Context,
@@ -75,51 +77,13 @@ def fit(
     if not images:
         raise ValueError("no training images found in " + ", ".join(data))
 
-    state: dict[str, Any] = {}
     with console.progress_bar(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s")) as bar:
-        def on_event(kind: str, info: dict[str, Any]) -> None:
-            if kind == "images":
-                console.info(f"{info['train']} training and {info['holdout']} held-out image(s) in "
-                             f"{len(info['categories'])} class(es): {', '.join(info['categories'])}")
-            elif kind == "skipped":
-                console.warn(f"skipped: {console.escape(info['reason'])}")
-            elif kind == "encode":
-                if "encode" not in state:
-                    state["encode"] = bar.add_task("encoding", total=info["total"], loss="-", speed="-")
-                bar.update(state["encode"], completed=info["done"])
-            elif kind == "cache":
-                where = "on disk" if info["on_disk"] else "in RAM"
-                console.info(f"latent cache: {info['bytes'] / 2**20:.1f} MiB {where} for {info['images']} image(s), "
-                             f"{info['views']} view(s) each")
-            elif kind == "step":
-                if "train" not in state:
-                    state["train"] = bar.add_task("training", total=1000, loss="-", speed="-")
-                # a time budget knows its steps once it has planned them: until then, by time
-                total = info["max_steps"] or 1000
-                completed = info["step"] if info["max_steps"] else info["progress"] * 1000
-                bar.update(state["train"], total=total, completed=completed, loss=f"{info['loss']:.4f}",
-                           speed=f"{info['images_per_s']:.1f}", description=f"training (epoch {info['epoch']:.1f})")
-            elif kind == "warning":
-                console.warn(info["message"])
-            elif kind == "alignment":
-                values = ", ".join(f"{name} {value:.2f}" for name, value in info["alignment"].items())
-                console.info(f"alignment of the training images (below {ALIGNED_BELOW} uses a per-position normal "
-                             f"reference): {values}")
-            elif kind == "note":
-                console.info(info["message"])
-            elif kind == "reference":
-                console.info(f"measuring the map's normal statistics on {info['images']} training image(s)")
-            elif kind == "novelty":
-                console.info(f"storing normal latents for the map's novelty term from {info['images']} training image(s)")
-            elif kind == "calibrate":
-                console.info(f"calibrating on {info['images']} held-out image(s)")
-
         try:
             # a config file's run options count as much as its model options (the command line wins)
             result = run_fit(images, out, cfg, overwrite=bool(options.get("overwrite", overwrite)),
                              resume=bool(options.get("resume", resume)), strict=bool(options.get("strict", strict)),
                              class_conditional=options.get("class_conditional", class_conditional),
-                             anomalous=_anomalous_paths(anomalous), on_event=on_event)
+                             anomalous=_anomalous_paths(anomalous), progress=RichFitProgress(bar))
         except TrainingInterrupted as stop:
             console.error(f"{stop}")
             raise typer.Exit(EXIT_INTERRUPTED)
@@ -128,6 +92,61 @@ def fit(
     console.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; bundle: {console.escape(str(result.bundle))}")
     _print_thresholds(result.bundle)
     raise typer.Exit(_left_out(len(result.skipped), problems))
+
+
+class RichFitProgress(FitProgress):
+    """`decodiff fit`'s progress: one line per stage, bars for encoding and training."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.tasks: dict[str, Any] = {}
+
+    def images(self, train: int, holdout: int, categories: list[str], skipped: list[tuple[str, str]]) -> None:
+        console.info(f"{train} training and {holdout} held-out image(s) in "
+                     f"{len(categories)} class(es): {', '.join(categories)}")
+
+    def skipped(self, path: str, reason: str) -> None:
+        console.warn(f"skipped: {console.escape(reason)}")
+
+    def encoding(self, done: int, total: int) -> None:
+        if "encode" not in self.tasks:
+            self.tasks["encode"] = self.bar.add_task("encoding", total=total, loss="-", speed="-")
+        self.bar.update(self.tasks["encode"], completed=done)
+
+    def cache(self, nbytes: int, on_disk: bool, images: int, views: int) -> None:
+        where = "on disk" if on_disk else "in RAM"
+        console.info(f"latent cache: {nbytes / 2**20:.1f} MiB {where} for {images} image(s), {views} view(s) each")
+
+    def step(self, record: dict[str, Any]) -> None:
+        if "train" not in self.tasks:
+            self.tasks["train"] = self.bar.add_task("training", total=1000, loss="-", speed="-")
+        # a time budget knows its steps once it has planned them: until then, by time
+        total = record["max_steps"] or 1000
+        completed = record["step"] if record["max_steps"] else record["progress"] * 1000
+        self.bar.update(self.tasks["train"], total=total, completed=completed, loss=f"{record['loss']:.4f}",
+                        speed=f"{record['images_per_s']:.1f}", description=f"training (epoch {record['epoch']:.1f})")
+
+    def budget_warning(self, minutes: float, spent_s: float, after_s: float, training_s: float) -> None:
+        console.warn(f"the steps before training (reading, encoding, normal latents) took {spent_s / 60:.1f} "
+                     f"of the {minutes:g} budgeted minutes and those after it need about {after_s / 60:.1f}; "
+                     f"training gets {training_s / 60:.1f}")
+
+    def alignment(self, alignment: dict[str, float], aligned: list[str]) -> None:
+        values = ", ".join(f"{name} {value:.2f}" for name, value in alignment.items())
+        console.info(f"alignment of the training images (below {ALIGNED_BELOW} uses a per-position normal "
+                     f"reference): {values}")
+
+    def note(self, message: str) -> None:
+        console.info(message)
+
+    def reference(self, images: int) -> None:
+        console.info(f"measuring the map's normal statistics on {images} training image(s)")
+
+    def novelty(self, images: int) -> None:
+        console.info(f"storing normal latents for the map's novelty term from {images} training image(s)")
+
+    def calibrate(self, images: int) -> None:
+        console.info(f"calibrating on {images} held-out image(s)")
 
 
 def _left_out(skipped: int, problems: list) -> int:
@@ -155,7 +174,6 @@ def _print_thresholds(bundle: Path) -> None:
                      f"{entry['pixel_threshold']:.4f} ({entry['rule']})")
 
 
-@app.command(epilog="Example:\n\n  decodiff calibrate model ./more_normal --anomalous ./labelled_defects\n\n" + EXIT_CODES_HELP)
 @friendly_errors
 def calibrate(
     bundle: Path = typer.Argument(..., help="The bundle whose thresholds to recompute.", show_default=False),
@@ -183,7 +201,6 @@ def calibrate(
     raise typer.Exit(_left_out(len(skipped), problems))
 
 
-@app.command(epilog="Example:\n\n  decodiff info model")
 @friendly_errors
 def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_default=False)) -> None:
     """A readable summary of a bundle: what it was trained on and how it scores."""

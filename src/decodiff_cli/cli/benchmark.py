@@ -8,18 +8,17 @@ from typing import List, Optional
 import typer
 
 from decodiff_cli import console
-from decodiff_cli.cli import DEVICE_OPT, DTYPE_OPT, STEPS_OPT, Dtype, _load_detector, app, friendly_errors
+from decodiff_cli.cli.common import DEVICE_OPT, DTYPE_OPT, STEPS_OPT, Dtype, friendly_errors, load_detector
 from decodiff_cli.console import EXIT_OK
 
+BENCHMARK_EPILOG = ("Examples:\n\n"
+                    "  decodiff benchmark ../shared/data/mvtec_bottle --bundle model --json results.json\n\n"
+                    "  decodiff benchmark mvtec/ --maps my_method_maps/ --markdown table.md --plots curves/\n\n"
+                    "  decodiff benchmark mvtec/ --bundle model --per-defect\n\n"
+                    "  decodiff benchmark mvtec/ --maps review/ --protocol native  # the TIFFs `localize` wrote\n\n"
+                    "Exit codes: 0 ok; 2 usage error (bad dataset, bundle or maps).")
 
-@app.command(
-    epilog="Examples:\n\n"
-    "  decodiff benchmark ../shared/data/mvtec_bottle --bundle model --json results.json\n\n"
-    "  decodiff benchmark mvtec/ --maps my_method_maps/ --markdown table.md --plots curves/\n\n"
-    "  decodiff benchmark mvtec/ --bundle model --per-defect\n\n"
-    "  decodiff benchmark mvtec/ --maps review/ --protocol native  # the TIFFs `localize` wrote\n\n"
-    "Exit codes: 0 ok; 2 usage error (bad dataset, bundle or maps).",
-)
+
 @friendly_errors
 def benchmark(
     dataset: Path = typer.Argument(..., help="MVTec AD style root, one category folder, or a VisA root (split_csv/1cls.csv).", show_default=False),
@@ -46,7 +45,7 @@ def benchmark(
         raise ValueError("give exactly one of --bundle BUNDLE or --maps DIR")
     predictor = None
     if bundle is not None:
-        detector = _load_detector(bundle, device, dtype, batch_size)
+        detector = load_detector(bundle, device, dtype, batch_size)
         predictor = BundlePredictor(detector, protocol, steps=steps, infer_class=infer_class)
     with console.progress_bar() as bar:
         tasks: dict[str, int] = {}
