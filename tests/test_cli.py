@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from decodiff_cli import __version__
-from decodiff_cli.outputs import RECORD_FIELDS
+from decodiff_cli.records import RECORD_FIELDS
 
 from conftest import CATEGORY, as_format_1
 

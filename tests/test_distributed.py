@@ -209,7 +209,7 @@ def test_output_skip_existing_localize_and_masks_match_one_process(invoke, bundl
 
     # The same files; images and masks byte for byte, the float maps within 1e-4.
     import numpy as np
-    from decodiff_cli.outputs import read_float_tiff
+    from decodiff_cli.render import read_float_tiff
 
     for name in ("review", "masks"):
         got, expected = _files(dist / name), _files(single / name)

@@ -1,4 +1,5 @@
-"""Tests for decodiff_cli.outputs: result files that must survive unattended runs."""
+"""Tests for the result-file modules (files, output_paths, render, gallery, records): result
+files that must survive unattended runs."""
 
 from __future__ import annotations
 
@@ -17,23 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from decodiff_cli import outputs
-from decodiff_cli.outputs import (
-    GalleryEntry,
-    OutputPaths,
-    Record,
-    RecordWriter,
-    atomic_write_bytes,
-    atomic_write_text,
-    atomic_writer,
+from decodiff_cli import files, output_paths, records
+from decodiff_cli.files import atomic_write_bytes, atomic_write_text, atomic_writer
+from decodiff_cli.gallery import GalleryEntry, write_gallery
+from decodiff_cli.output_paths import OutputPaths
+from decodiff_cli.records import Record, RecordWriter, read_scored_paths
+from decodiff_cli.render import (
     binary_mask,
     heatmap_image,
     overlay_image,
     read_float_tiff,
-    read_scored_paths,
     save_float_tiff,
     save_image,
-    write_gallery,
 )
 
 
@@ -49,7 +45,7 @@ def test_atomic_write_replaces_and_keeps_normal_permissions(tmp_path):
     atomic_write_text(target, "old")
     atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
-    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~outputs._UMASK  # not mkstemp's 0600
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~files._UMASK  # not mkstemp's 0600
     assert _leftovers(target.parent) == []
 
 
@@ -71,7 +67,7 @@ def test_atomic_write_failure_in_fsync_keeps_old_file(tmp_path, monkeypatch):
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(outputs.os, "fsync", full_disk)
+    monkeypatch.setattr(files.os, "fsync", full_disk)
     with pytest.raises(OSError):
         atomic_write_bytes(target, b"new")
     assert target.read_text() == "old"
@@ -82,7 +78,7 @@ def test_atomic_write_failure_in_fsync_keeps_old_file(tmp_path, monkeypatch):
 
 
 def _all_products(pp) -> list[Path]:
-    return [getattr(pp, k) for k in outputs.PRODUCTS]
+    return [getattr(pp, k) for k in output_paths.PRODUCTS]
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -237,7 +233,7 @@ def test_records_are_finite_json_and_csv_to_streams():
     buf = io.StringIO()
     RecordWriter(buf, "csv").write(Record("x,y.png", score=0.25, error="bad\nfile"))
     rows = list(csv.reader(io.StringIO(buf.getvalue())))
-    assert rows[0] == list(outputs.RECORD_FIELDS)
+    assert rows[0] == list(records.RECORD_FIELDS)
     assert rows[1] == ["x,y.png", "", "0.25", "", "", "", "bad file"]
 
 
@@ -263,7 +259,7 @@ def test_concurrent_appends_from_two_processes(tmp_path, fmt):
         paths = [json.loads(line)["path"] for line in lines]
     else:
         rows = list(csv.DictReader(lines))
-        assert lines.count(",".join(outputs.RECORD_FIELDS)) == 1  # header written once
+        assert lines.count(",".join(records.RECORD_FIELDS)) == 1  # header written once
         assert all(None not in r and r["class"] == "cls" for r in rows)
         paths = [r["path"] for r in rows]
     expected = {f"{t}/img_{i:04d}.png" for t in ("p", "q") for i in range(n)}

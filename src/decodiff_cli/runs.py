@@ -2,7 +2,7 @@
 
 Each job processes every input it can, reports the ones it cannot (never stops on one
 bad file) and returns a summary; files are written atomically, never over an input, and
-never outside the output folder (see outputs.OutputPaths).
+never outside the output folder (see output_paths.OutputPaths).
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ from typing import Callable, Iterable
 from decodiff_cli.detector import Detector, Prediction
 from decodiff_cli.inputs import InputImage
 from decodiff_cli.model import InferenceOptions
-from decodiff_cli.outputs import (
-    GalleryEntry,
-    OutputPaths,
-    Record,
-    binary_mask,
-    heatmap_image,
-    overlay_image,
-    save_float_tiff,
-    save_image,
-    write_gallery,
-)
+from decodiff_cli.gallery import GalleryEntry, write_gallery
+from decodiff_cli.output_paths import OutputPaths
+from decodiff_cli.records import Record
+from decodiff_cli.render import binary_mask, heatmap_image, overlay_image, save_float_tiff, save_image
 
 
 @dataclass

@@ -39,7 +39,7 @@ def benchmark(
     """Image AUROC / AP / F1-max and pixel AUROC / AP / F1-max / AUPRO, per category and averaged."""
     from decodiff_cli.benchmark import evaluate
     from decodiff_cli.evaluation import BundlePredictor
-    from decodiff_cli.outputs import atomic_write_text
+    from decodiff_cli.files import atomic_write_text
 
     if (bundle is None) == (maps is None):
         raise ValueError("give exactly one of --bundle BUNDLE or --maps DIR")

@@ -54,7 +54,7 @@ def score(
 ) -> None:
     """Score images: one record per image (path, class, score, threshold, normalized_score, is_anomalous)."""
     from decodiff_cli import runs
-    from decodiff_cli.outputs import RecordWriter, read_scored_paths
+    from decodiff_cli.records import RecordWriter, read_scored_paths
 
     group = process_group()
 
@@ -133,7 +133,7 @@ def localize(
 ) -> None:
     """Anomaly heatmaps, overlays, corrected images and raw float TIFF maps, with an index.html gallery."""
     from decodiff_cli import runs
-    from decodiff_cli.outputs import write_gallery
+    from decodiff_cli.gallery import write_gallery
 
     group, summary, problems = folder_job(
         "localizing", bundle, inputs, out, overwrite, device, dtype, batch_size,
