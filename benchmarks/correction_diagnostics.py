@@ -38,7 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from _common import choose_threads  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from decodiff_cli.benchmark import discover
+from decodiff_cli.datasets import discover
 from decodiff_cli.detector import Detector
 from decodiff_cli.deviation import corrupt
 from decodiff_cli.images import load_image, mask_to_model_space

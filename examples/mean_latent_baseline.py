@@ -39,7 +39,8 @@ from torch.nn import functional as F
 
 from decodiff_cli.anomaly_map import gaussian_blur
 from decodiff_cli.autoencoders import load_autoencoder
-from decodiff_cli.benchmark import PROTOCOLS, discover
+from decodiff_cli.benchmark import PROTOCOLS
+from decodiff_cli.datasets import discover
 from decodiff_cli.datasets import IMAGE_SUFFIXES
 from decodiff_cli.config import PreprocessConfig
 from decodiff_cli.images import load_image

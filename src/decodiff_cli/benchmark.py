@@ -22,7 +22,6 @@ read stops the evaluation with a sentence naming it: the metrics need every test
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import IMAGE_SUFFIXES, NORMAL, find_mask, mask_candidates
+from .datasets import Category, Sample, discover  # noqa: F401  (discover: part of this module's API)
 from .images import ImageReadError, decode_file, image_size, read_bytes
 from .metrics import METRIC_KEYS, Curve, compute_metrics
 from .plots import write_curve_plots
@@ -43,84 +42,6 @@ NATIVE = "native"  # every image at its ground truth's own resolution
 PROTOCOL_NAMES = (*PROTOCOLS, NATIVE)
 Predict = Callable[[list[Path], str], Iterable[np.ndarray | tuple[np.ndarray, float]]]
 Progress = Callable[[str, int, int], None]  # (category, maps done, maps in category)
-
-
-@dataclass
-class Sample:
-    image: Path
-    mask: Path | None  # None for normal images
-    defect: str  # folder name under test/; "good" for normal images
-    label: int  # 1 = anomalous
-
-
-@dataclass
-class Category:
-    name: str
-    samples: list[Sample]
-
-
-# --------------------------------------------------------------------------- discovery
-def discover(root: Path, categories: Sequence[str] | None = None) -> list[Category]:
-    """Find the test images and masks of every (selected) category under ``root``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"dataset folder {root} does not exist")
-    if (root / "split_csv" / "1cls.csv").is_file():
-        found = _discover_visa(root, root / "split_csv" / "1cls.csv")
-    elif (root / "test").is_dir():
-        found = {root.name: root}
-    else:
-        found = {p.name: p for p in sorted(root.iterdir()) if (p / "test").is_dir()}
-        if not found:
-            raise ValueError(f"no dataset found in {root}: expected <category>/test/<defect>/"
-                             f"images (MVTec AD), a test/ folder, or split_csv/1cls.csv (VisA)")
-    names = list(found) if not categories else list(dict.fromkeys(categories))
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise ValueError(f"category {', '.join(missing)} not found in {root}; "
-                         f"available: {', '.join(found)}")
-    out = []
-    for name in names:
-        entry = found[name]  # a Category (VisA, already read) or a category folder
-        cat = entry if isinstance(entry, Category) else _mvtec_category(entry, name)
-        if not cat.samples:
-            raise ValueError(f"no test images for category {name} in {root}")
-        out.append(cat)
-    return out
-
-
-def _mvtec_category(folder: Path, name: str) -> Category:
-    samples = []
-    for defect_dir in sorted(p for p in (folder / "test").iterdir() if p.is_dir()):
-        defect = defect_dir.name
-        for image in sorted(p for p in defect_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            mask = None
-            if defect != NORMAL:
-                mask = find_mask(image)
-                if mask is None:
-                    raise ValueError(f"mask missing for defective image {image}: "
-                                     f"expected {mask_candidates(image)[0]}")
-            samples.append(Sample(image, mask, defect, int(defect != NORMAL)))
-    return Category(name, samples)
-
-
-def _discover_visa(root: Path, split: Path) -> dict[str, Category]:
-    cats: dict[str, Category] = {}
-    with open(split, newline="") as f:
-        for row in csv.DictReader(f):
-            if row["split"].strip() != "test":
-                continue
-            name, anomalous = row["object"].strip(), row["label"].strip() == "anomaly"
-            mask = root / row["mask"].strip() if anomalous else None
-            if anomalous and (not row["mask"].strip() or not mask.is_file()):
-                raise ValueError(f"mask missing for defective image {root / row['image']}: "
-                                 f"expected {mask}")
-            image = root / row["image"].strip()
-            if not image.is_file():
-                raise ValueError(f"image {image}, listed in {split}, does not exist")
-            sample = Sample(image, mask, "bad" if anomalous else NORMAL, int(anomalous))
-            cats.setdefault(name, Category(name, [])).samples.append(sample)
-    return cats
 
 
 # --------------------------------------------------------------------------- loading

@@ -38,6 +38,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import PreprocessConfig
+from .datasets import show_path
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -56,11 +57,6 @@ class LoadedImage:
     tensor: torch.Tensor  # float32 (3, S, S) in [-1, 1]
     original: Image.Image  # the RGB image before resizing
     original_size: tuple[int, int]  # (W, H)
-
-
-def _show(path: os.PathLike | str) -> str:
-    """A printable path: undecodable bytes in a file name become \\x escapes."""
-    return repr(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 # ---------------------------------------------------------------- files -> PIL image
@@ -144,7 +140,7 @@ def read_bytes(path: Path) -> bytes:
     gives up on that file after the timeout (the worker is a daemon thread, left to end
     on its own) instead of waiting with it. Any failure is an ImageReadError naming it.
     """
-    name = _show(path)
+    name = show_path(path)
     timeout = read_timeout()
     cancelled = threading.Event()
     outcome: list = []
@@ -176,13 +172,13 @@ def _open_file(path: Path, orient: bool = True) -> Image.Image:
     Decoding works on the bytes already in memory, so a file that changes afterwards
     cannot mix versions, and any exception Pillow raises becomes an ImageReadError.
     """
-    return _decode(read_bytes(path), _show(path), full=True, orient=orient)
+    return _decode(read_bytes(path), show_path(path), full=True, orient=orient)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(W, H) as stored (before EXIF orientation), from the header: the pixels are not decoded."""
     path = Path(os.fsdecode(path))
-    return _decode(read_bytes(path), _show(path), full=False).size
+    return _decode(read_bytes(path), show_path(path), full=False).size
 
 
 def decode_file(path: str | os.PathLike, orient: bool = False) -> Image.Image:
@@ -312,7 +308,7 @@ def read_image(source: ImageSource) -> Image.Image:
         return _to_rgb(_orient(source), "(PIL image)")
     if isinstance(source, (str, bytes, os.PathLike)):
         path = Path(os.fsdecode(source))
-        return _to_rgb(_open_file(path), _show(path))
+        return _to_rgb(_open_file(path), show_path(path))
     raise TypeError(f"expected a path, PIL image or numpy array, got {type(source).__name__}")
 
 
@@ -362,7 +358,7 @@ def _mask_levels(source: ImageSource) -> np.ndarray:
     """A mask -> float array in [0, 1] (max over colour channels, alpha ignored)."""
     if isinstance(source, (str, bytes, os.PathLike)):
         path = Path(os.fsdecode(source))
-        source, name = _open_file(path), _show(path)
+        source, name = _open_file(path), show_path(path)
     else:
         name = "(mask)"
     if isinstance(source, Image.Image):

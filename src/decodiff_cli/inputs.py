@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from decodiff_cli.datasets import IMAGE_SUFFIXES, is_bundle, is_image_name
+from decodiff_cli.datasets import IMAGE_SUFFIXES, is_bundle, is_image_name, show_path
+
 
 Problem = tuple[str, str]
 _GLOB_MAGIC = re.compile(r"[*?[]")
@@ -36,11 +37,6 @@ class InputImage:
             except ValueError:
                 pass
         return Path(self.path.name)
-
-
-def _show(path: str | os.PathLike) -> str:
-    """A printable path: undecodable bytes in a file name become \\x escapes."""
-    return repr(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def _is_broken_link(path: Path) -> bool:
@@ -67,7 +63,7 @@ def _walk(folder: Path) -> tuple[list[Path], list[Problem]]:
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            problems.append((str(d), f"the folder {_show(d)} cannot be read ({e.strerror})."))
+            problems.append((str(d), f"the folder {show_path(d)} cannot be read ({e.strerror})."))
             return
         for entry in entries:
             if entry.name.startswith("."):
@@ -81,7 +77,7 @@ def _walk(folder: Path) -> tuple[list[Path], list[Problem]]:
                 visit(path)
             elif is_image_name(path):
                 if _is_broken_link(path):
-                    problems.append((str(path), f"{_show(path)} is a broken symbolic link."))
+                    problems.append((str(path), f"{show_path(path)} is a broken symbolic link."))
                 else:
                     found.append(path)
 
@@ -103,14 +99,14 @@ def _dedup(images: list[InputImage]) -> list[InputImage]:
 
 def _no_images(folder: str | os.PathLike) -> str:
     kinds = ", ".join(sorted(IMAGE_SUFFIXES))
-    return f"the folder {_show(folder)} contains no images ({kinds})."
+    return f"the folder {show_path(folder)} contains no images ({kinds})."
 
 
 def _expand_one(item: str, allow_glob: bool) -> tuple[list[InputImage], list[Problem]]:
     path = Path(item)
     if os.path.lexists(path):
         if _is_broken_link(path):
-            return [], [(item, f"{_show(path)} is a broken symbolic link.")]
+            return [], [(item, f"{show_path(path)} is a broken symbolic link.")]
         if os.path.isdir(path):
             files, problems = _walk(path)
             if not files and not problems:
@@ -120,14 +116,14 @@ def _expand_one(item: str, allow_glob: bool) -> tuple[list[InputImage], list[Pro
         return [InputImage(path, None)], []
     if allow_glob and _GLOB_MAGIC.search(item):
         return _expand_glob(item)
-    return [], [(item, f"{_show(path)} does not exist.")]
+    return [], [(item, f"{show_path(path)} does not exist.")]
 
 
 def _expand_glob(pattern: str) -> tuple[list[InputImage], list[Problem]]:
     """Files matched by a pattern (filtered by suffix); matched folders are walked."""
     matches = sorted(glob.glob(pattern, recursive=True))
     if not matches:
-        return [], [(pattern, f"no file matches the pattern {_show(pattern)}.")]
+        return [], [(pattern, f"no file matches the pattern {show_path(pattern)}.")]
     images: list[InputImage] = []
     problems: list[Problem] = []
     for m in map(Path, matches):
@@ -137,11 +133,11 @@ def _expand_glob(pattern: str) -> tuple[list[InputImage], list[Problem]]:
             problems += probs
         elif is_image_name(m):
             if _is_broken_link(m):
-                problems.append((str(m), f"{_show(m)} is a broken symbolic link."))
+                problems.append((str(m), f"{show_path(m)} is a broken symbolic link."))
             else:
                 images.append(InputImage(m, None))
     if not images and not problems:
-        problems.append((pattern, f"the pattern {_show(pattern)} matches no images."))
+        problems.append((pattern, f"the pattern {show_path(pattern)} matches no images."))
     return images, problems
 
 
@@ -251,7 +247,7 @@ def find_training_images(items: list[str]) -> tuple[dict[str, list[Path]], list[
                     for im in found:
                         add_file(im)
             if not matches:
-                problems.append((item, f"no file matches the pattern {_show(item)}."))
+                problems.append((item, f"no file matches the pattern {show_path(item)}."))
         else:
             found, probs = _expand_one(item, allow_glob=False)
             problems += probs
