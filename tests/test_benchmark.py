@@ -188,6 +188,19 @@ def test_mask_kinds(tmp_path, mode, dtype, high):
     assert got.sum() == 4 and got[2, 2] and not got[5, 5]
 
 
+def test_a_16_bit_mask_coded_0_255_reads_the_same_for_benchmark_and_fit(tmp_path):
+    """One rule for every mask: a 16-bit file holding 8-bit values is read as 0/255 (the
+    benchmark's own reader once took it as empty, while fit's read it as marked)."""
+    from decodiff_cli.config import PreprocessConfig
+    from decodiff_cli.images import mask_to_model_space
+
+    a = np.zeros((16, 16), np.uint16)
+    a[4:8, 4:8] = 255
+    Image.fromarray(a).save(tmp_path / "m.png")
+    assert load_mask(tmp_path / "m.png").sum() == 16
+    assert mask_to_model_space(tmp_path / "m.png", PreprocessConfig(image_size=16, resize=16)).sum() == 16
+
+
 def test_palette_mask_uses_colour_not_index(tmp_path):
     im = Image.new("P", (4, 4), 0)
     im.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import Category, Sample, discover  # noqa: F401  (discover: part of this module's API)
-from .images import ImageReadError, decode_file, image_size, read_bytes
+from .images import ImageReadError, decode_file, image_size, mask_levels, read_bytes
 from .metrics import METRIC_KEYS, Curve, compute_metrics
 from .plots import write_curve_plots
 
@@ -54,29 +54,13 @@ def _read(kind: str, path: Path, read):
 
 
 def load_mask(path: Path) -> np.ndarray:
-    """A ground-truth mask as bool at its own resolution: > half of its value range.
-
-    The range is the pixel type's (255 for 8-bit, 65535 for 16-bit, 1 for float), except
-    that masks coded 0/1 use 1, so they are not read as empty. Palette and colour masks
-    use the brightest channel of each pixel's colour, not the palette index.
-    """
-    im = _read("mask", path, decode_file)
+    """A ground-truth mask as bool at its own resolution: above half of its value range, by
+    the one rule every mask in decodiff is read with (``images.mask_levels``)."""
+    image = _read("mask", path, decode_file)
     try:
-        if im.mode == "1":
-            return np.array(im, dtype=bool)
-        if im.mode in ("P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "HSV", "LAB"):
-            im = im.convert("RGB")
-        if im.mode == "LA":
-            im = im.getchannel("L")
-        a = np.asarray(im)
-    except Exception as e:  # a decoded but malformed file
-        raise ValueError(f"cannot read mask {path}: {e}") from None
-    if a.ndim == 3:
-        a = a.max(axis=2)
-    full = 1.0 if a.dtype.kind == "f" else 255.0 if a.dtype == np.uint8 else 65535.0
-    if a.size and a.max() <= 1:
-        full = 1.0
-    return a > full / 2
+        return mask_levels(image) > 0.5
+    except ImageReadError as err:  # decoded, but not a 2-D mask
+        raise ValueError(f"cannot read mask {path}: {err.problem}.") from None
 
 
 def load_map(path: Path) -> np.ndarray:

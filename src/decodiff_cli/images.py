@@ -354,7 +354,7 @@ def map_to_original(
     return np.asarray(out, dtype=np.float32).copy()
 
 
-def _mask_levels(source: ImageSource) -> np.ndarray:
+def mask_levels(source: ImageSource) -> np.ndarray:
     """A mask -> float array in [0, 1] (max over colour channels, alpha ignored)."""
     if isinstance(source, (str, bytes, os.PathLike)):
         path = Path(os.fsdecode(source))
@@ -383,6 +383,6 @@ def _mask_levels(source: ImageSource) -> np.ndarray:
 
 def mask_to_model_space(mask_img: ImageSource, pre: PreprocessConfig) -> np.ndarray:
     """Ground-truth mask -> bool (S, S), same geometry as the image, cut at half range."""
-    levels = Image.fromarray(_mask_levels(mask_img).astype(np.float32), "F")
+    levels = Image.fromarray(mask_levels(mask_img).astype(np.float32), "F")
     levels = levels.resize((pre.resize, pre.resize), Image.Resampling.BILINEAR)
     return np.asarray(levels.crop(_crop_box(pre))) > 0.5
