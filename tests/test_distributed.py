@@ -1,7 +1,7 @@
 """`accelerate launch` splits score, localize and export-masks between processes.
 
 Two CPU processes over gloo, started the way tests/test_training.py starts `fit`
-(`--multi_gpu` without a GPU: see fitting._cpu_only_launch), each run compared with the
+(`--multi_gpu` without a GPU: see fitting.cpu_only_launch), each run compared with the
 same command in one process. A launch costs 10-15 s here, so one launch (through a shim
 that runs several commands in the same two processes) covers score --output,
 --skip-existing, localize and export-masks; one runs the real `-m decodiff_cli score`

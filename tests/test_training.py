@@ -12,7 +12,7 @@ uninterrupted 12-step run (`baseline`) is the reference the others are compared 
 
 (`accelerate launch --cpu --num_processes 2` starts only *one* process unless accelerate
 is given an mpirun hostfile; `--multi_gpu` on a machine without a GPU starts two, which
-decodiff turns into a CPU (gloo) process group: see fitting._cpu_only_launch.)
+decodiff turns into a CPU (gloo) process group: see fitting.cpu_only_launch.)
 """
 
 from __future__ import annotations

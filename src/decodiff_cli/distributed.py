@@ -66,10 +66,10 @@ class ProcessGroup:
             return cls()
         from accelerate import PartialState
 
-        from decodiff_cli.fitting import _cpu_only_launch
+        from decodiff_cli.fitting import cpu_only_launch
 
         timeout_s = timeout_seconds()
-        state = PartialState(cpu=_cpu_only_launch(), timeout=timedelta(seconds=timeout_s))
+        state = PartialState(cpu=cpu_only_launch(), timeout=timedelta(seconds=timeout_s))
         expected = int(os.environ["WORLD_SIZE"])
         if state.num_processes != expected:
             # Each process would believe it is alone and process every input: N copies of the work.

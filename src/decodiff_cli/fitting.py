@@ -286,7 +286,7 @@ def fit(
     accelerator = accelerator or Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=max(1, cfg.train.gradient_accumulation_steps),
-        cpu=_cpu_only_launch(),
+        cpu=cpu_only_launch(),
     )
     main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -454,7 +454,7 @@ def check_resumable(saved_file: Path, cfg: ModelConfig) -> None:
                          f"({'; '.join(changed)}); repeat the options of the interrupted run")
 
 
-def _cpu_only_launch() -> bool:
+def cpu_only_launch() -> bool:
     """True for a multi-process launch (torchrun, `accelerate launch --multi_gpu`) on a
     machine without any accelerator. accelerate forms a CPU process group (gloo) only
     when told it runs on the CPU; otherwise each process trains alone, believing it is
