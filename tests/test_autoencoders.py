@@ -92,6 +92,25 @@ def test_unreachable_hub_fails_fast_naming_the_offline_choices(monkeypatch, tmp_
     assert isinstance(info.value, ValueError)  # the CLI reports ValueErrors as user errors
 
 
+def test_behind_a_proxy_the_proxy_is_probed(monkeypatch):
+    """A factory network may reach the hub only through a proxy: a direct probe would say
+    'unreachable' although downloads work. A dead proxy is unreachable, and fast."""
+    import socket
+
+    from decodiff_cli.autoencoders import hub
+
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub.reachable(timeout=2)  # the proxy answers; the hub's own name never resolves here
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert not hub.reachable(timeout=2)
+
+
 def test_hub_offline_variable_counts_as_unreachable(monkeypatch):
     from decodiff_cli.autoencoders import hub
 

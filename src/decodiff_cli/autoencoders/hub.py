@@ -23,6 +23,11 @@ def reachable(timeout: float = PROBE_SECONDS) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    # Behind a proxy the hub is reached through it: probe the proxy, not the hub.
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if url.scheme == "https" else ("HTTP_PROXY", "http_proxy"):
+        if os.environ.get(name):
+            url = urlparse(os.environ[name] if "://" in os.environ[name] else "http://" + os.environ[name])
+            break
     port = url.port or (443 if url.scheme == "https" else 80)
     result: list[bool] = []
 
