@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import Category, Sample, discover  # noqa: F401  (discover: part of this module's API)
+from .datasets import Sample, discover  # noqa: F401  (discover: part of this module's API)
 from .images import ImageReadError, decode_file, image_size, mask_levels, read_bytes
 from .metrics import METRIC_KEYS, Curve, compute_metrics
 from .plots import write_curve_plots

@@ -180,7 +180,7 @@ def train(
     estimated cost of what follows training).
     """
     tc = cfg.train
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     if tc.batch_size % world:
         raise ValueError(f"--batch-size {tc.batch_size} must be divisible by the {world} processes")
     micro = max(1, tc.gradient_accumulation_steps)
