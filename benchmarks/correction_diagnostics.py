@@ -1,7 +1,7 @@
 """Does DeCo-Diff's correction repair what it sees? Diagnostics for one bundle.
 
     python benchmarks/correction_diagnostics.py BUNDLE DATASET_CATEGORY [--category NAME]
-        [--max-test 60] [--max-train 32] [--threads 1] [--json out.json]
+        [--max-test 60] [--max-train 32] [--timesteps 10] [--device cpu] [--threads 1] [--json out.json]
 
 DATASET_CATEGORY is an MVTec-layout category folder (``train/good``, ``test/<defect>``,
 ``ground_truth/<defect>``). Three questions, each printed as a table:
@@ -72,7 +72,7 @@ def movement(detector: Detector, category: str, samples, max_test: int) -> dict:
     eps_theta = _denoiser(detector, category)
     for i, sample in enumerate(chosen, 1):
         print(f"\rmovement: {i}/{len(chosen)}", end="", file=sys.stderr)
-        image = load_image(sample.image, cfg.preprocess).tensor[None]
+        image = load_image(sample.image, cfg.preprocess).tensor[None].to(model.device)
         mask = (torch.from_numpy(mask_to_model_space(sample.mask, cfg.preprocess)) if sample.mask
                 else torch.zeros(image.shape[-2:], dtype=torch.bool))
         z0 = model.encode(image)
@@ -80,19 +80,19 @@ def movement(detector: Detector, category: str, samples, max_test: int) -> dict:
         inside = F.adaptive_avg_pool2d(mask[None, None].float(), z0.shape[-2:])[0, 0] >= 0.5
         z = z0
         for k, t in enumerate(steps):  # the z_{t-1} strategy, keeping each call's z0_hat
-            t_batch = torch.full((1,), t, dtype=torch.long)
+            t_batch = torch.full((1,), t, dtype=torch.long, device=z0.device)
             eps = eps_theta(z, t_batch)
             abar = model.abar
             z0_hat = z - (1 - abar[t]).sqrt() * eps
             if k + 1 < len(steps):
                 z = z0_hat + (1 - abar[steps[k + 1]]).sqrt() * eps
-            moved = (z0_hat - z0).abs().mean(dim=1)[0]
+            moved = (z0_hat - z0).abs().mean(dim=1)[0].cpu()
             for j, where in enumerate((inside, ~inside)):
                 if where.any():
                     latent[sample.defect][k, j] += moved[where].sum().item()
                     counts[sample.defect][j] += where.sum().item() if k == 0 else 0
         reconstructed, corrected, _ = model.decode_pairs(z0, z0_hat, features=False)
-        diff = (corrected - reconstructed).abs().mean(dim=1)[0]
+        diff = (corrected - reconstructed).abs().mean(dim=1)[0].float().cpu()
         for j, where in enumerate((mask, ~mask)):
             if where.any():
                 pixel[sample.defect][j] += diff[where].sum().item()
@@ -109,17 +109,18 @@ def movement(detector: Detector, category: str, samples, max_test: int) -> dict:
 
 
 @torch.inference_mode()
-def loss_split(detector: Detector, category: str, z0: torch.Tensor, seed: int = 0) -> dict:
+def loss_split(detector: Detector, category: str, z0: torch.Tensor, timesteps: list[int], seed: int = 0) -> dict:
     """Per timestep and patch size: noised-element error / |eps'|^2, and clean-element error."""
     model, train = detector.model, detector.bundle.config.train
     eps_theta = _denoiser(detector, category)
     generator = torch.Generator().manual_seed(seed)
     by_t, by_patch = {}, {}
-    for t in range(len(model.abar)):
+    for t in timesteps:
+        t_batch = torch.full((len(z0),), t, device=z0.device)
         for patch in train.patch_sizes:
-            c = corrupt(z0, torch.full((len(z0),), t), model.abar, patch, train.mask_ratio_max,
+            c = corrupt(z0, t_batch, model.abar, patch, train.mask_ratio_max,
                         train.shuffle_ratio_max, generator=generator)
-            err = (eps_theta(c.z_t, torch.full((len(z0),), t)) - c.target) ** 2
+            err = (eps_theta(c.z_t, t_batch) - c.target) ** 2
             noised = (1 - c.kept).expand_as(err).bool()
             row = [err[noised].sum().item(), (c.target[noised] ** 2).sum().item(), noised.sum().item(),
                    err[~noised].sum().item(), (~noised).sum().item()]
@@ -136,7 +137,8 @@ def loss_split(detector: Detector, category: str, z0: torch.Tensor, seed: int = 
 
 
 @torch.inference_mode()
-def shuffled_patches(detector: Detector, category: str, z0: torch.Tensor, seed: int = 0) -> dict:
+def shuffled_patches(detector: Detector, category: str, z0: torch.Tensor, timesteps: list[int],
+                     seed: int = 0) -> dict:
     """Per timestep: error / |eps'|^2 on noised patches whose noise is another image's patch
     at the same place, against Gaussian noise (the same masks)."""
     model, train = detector.model, detector.bundle.config.train
@@ -145,8 +147,9 @@ def shuffled_patches(detector: Detector, category: str, z0: torch.Tensor, seed: 
     patch = max(train.patch_sizes)  # whole patches of another image: the most plausible kind
     other = z0.roll(1, dims=0)
     out = {}
-    for t in range(len(model.abar)):
-        c = corrupt(z0, torch.full((len(z0),), t), model.abar, patch, train.mask_ratio_max, 0.0, generator=generator)
+    for t in timesteps:
+        t_batch = torch.full((len(z0),), t, device=z0.device)
+        c = corrupt(z0, t_batch, model.abar, patch, train.mask_ratio_max, 0.0, generator=generator)
         a = model.abar[t]
         row = {}
         for name, noise in (("gaussian", None), ("shuffled", other)):
@@ -156,7 +159,7 @@ def shuffled_patches(detector: Detector, category: str, z0: torch.Tensor, seed: 
                 z_t = c.kept * z0 + (1 - c.kept) * (a.sqrt() * z0 + (1 - a).sqrt() * noise)
                 target = (1 - c.kept) * (noise - (1 - a.sqrt()) / (1 - a).sqrt() * z0)
             noised = (1 - c.kept).expand_as(z0).bool()
-            err = (eps_theta(z_t, torch.full((len(z0),), t)) - target)[noised].pow(2).sum()
+            err = (eps_theta(z_t, t_batch) - target)[noised].pow(2).sum()
             row[name] = (err / target[noised].pow(2).sum()).item()
         out[t] = row
     return out
@@ -169,22 +172,29 @@ def main() -> None:
     parser.add_argument("--category", help="the bundle's class to use (default: the folder's name, or its only class)")
     parser.add_argument("--max-test", type=int, default=60, help="test images, spread evenly over the defect types")
     parser.add_argument("--max-train", type=int, default=32, help="training latents for the loss tables")
+    parser.add_argument("--timesteps", type=int, default=10,
+                        help="timesteps for the loss tables, evenly spaced from 0 (0: every one)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (the model's device)")
     parser.add_argument("--threads", default="auto")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     print(f"threads: {choose_threads(args.threads)}", file=sys.stderr)
 
-    detector = Detector.load(args.bundle, device="cpu")
+    detector = Detector.load(args.bundle, device=args.device)
     category = args.category or (detector.categories[0] if len(detector.categories) == 1 else args.dataset.name)
     detector.check_category(category)
     (found,) = discover(args.dataset)
     train_paths = sorted(p for p in (args.dataset / "train" / "good").iterdir() if is_image_name(p))[: args.max_train]
     cfg = detector.bundle.config
-    z0 = detector.model.encode(torch.stack([load_image(p, cfg.preprocess).tensor for p in train_paths]))
+    images = torch.stack([load_image(p, cfg.preprocess).tensor for p in train_paths])
+    z0 = torch.cat([detector.model.encode(batch.to(detector.model.device)) for batch in images.split(8)])
+    total = len(detector.model.abar)
+    timesteps = (list(range(total)) if not args.timesteps or args.timesteps >= total
+                 else sorted({round(i * (total - 1) / (args.timesteps - 1)) for i in range(args.timesteps)}))
 
     report = {"movement": movement(detector, category, found.samples, args.max_test),
-              "loss_split": loss_split(detector, category, z0),
-              "shuffled_patches": shuffled_patches(detector, category, z0)}
+              "loss_split": loss_split(detector, category, z0, timesteps),
+              "shuffled_patches": shuffled_patches(detector, category, z0, timesteps)}
 
     print("\n1. Movement |z0_hat - z0| inside / outside the defects, after each call (t)")
     for defect, row in report["movement"].items():
