@@ -15,7 +15,6 @@ from decodiff_cli.anomaly_map import (
     gaussian_blur,
     image_scores,
     latent_discrepancy,
-    needs_decoder,
     pixel_discrepancy,
 )
 from decodiff_cli.config import MapConfig
@@ -78,11 +77,14 @@ def test_the_image_score_fraction_is_a_cpu_default_and_checked():
         build_config("cpu", {"score_top": 1.0})
 
 
-def test_latent_only_needs_no_decoded_images():
-    assert needs_decoder(MapConfig(combine="geometric"))
-    assert needs_decoder(MapConfig(combine="pixel"))
-    assert needs_decoder(MapConfig(combine="arithmetic"))
-    assert not needs_decoder(MapConfig(combine="latent"))
+def test_the_correction_terms_follow_the_combination_and_the_pixel_switch():
+    assert MapConfig(combine="geometric").correction_terms() == ["pixel", "latent"]
+    assert MapConfig(combine="pixel").correction_terms() == ["pixel"]
+    assert MapConfig(combine="latent").correction_terms() == ["latent"]
+    assert MapConfig(combine="arithmetic", features=True).correction_terms() == ["pixel", "latent", "features"]
+    assert MapConfig(combine="arithmetic", features=True, pixel=False).correction_terms() == ["latent", "features"]
+    with pytest.raises(ValueError, match="--no-map-pixel"):
+        MapConfig(combine="pixel", pixel=False).validate()
     z0, z0_hat, _, _ = _random_case()
     maps = anomaly_maps(MapInputs(z0, z0_hat, (64, 64)), MapConfig(combine="latent"))
     assert maps.shape == (2, 64, 64)

@@ -10,7 +10,7 @@ import torch
 from decodiff_cli.anomaly_map import MapInputs, anomaly_maps, combine, feature_discrepancy, feature_scales, shift_images
 from decodiff_cli.autoencoders.pixel import PixelAutoencoder
 from decodiff_cli.bundle import read_bundle
-from decodiff_cli.config import MapConfig
+from decodiff_cli.config import LatentScaling, MapConfig
 from decodiff_cli.detector import Detector
 from decodiff_cli.images import load_image
 from decodiff_cli.presets import build_config
@@ -68,6 +68,50 @@ def test_decoders_expose_one_feature_level_per_upsampling():
     assert torch.equal(image, net.decode(z))
     assert all(not stage._forward_pre_hooks for stage in net.feature_stages())  # hooks removed
     assert PixelAutoencoder().decode_with_features(torch.zeros(1, 192, 2, 2))[1] == []
+
+
+def test_features_alone_stop_the_decoder_at_the_last_level_asked_for():
+    net = _random_net(TINY_PLAIN)
+    z = torch.randn(2, 16, 4, 4)
+    _, every = net.decode_with_features(z)
+    ran = []
+    last = net.decoder[-1].register_forward_hook(lambda *args: ran.append(True))
+    image, features = net.decode_with_features(z, image=False)
+    assert image is None and not ran  # the full-resolution layers were skipped
+    assert all(torch.equal(a, b) for a, b in zip(features, every)) and len(features) == 3
+    image, two = net.decode_with_features(z, image=False, levels=2)
+    assert [f.shape[-1] for f in two] == [4, 8]
+    last.remove()
+    assert all(not stage._forward_pre_hooks for stage in net.feature_stages())
+
+
+def test_a_map_without_the_pixel_term_decodes_only_to_the_features(tmp_path):
+    from decodiff_cli.denoiser import Denoiser
+    from decodiff_cli.model import DecoDiffModel, InferenceOptions
+
+    net = _random_net(TINY_PLAIN)
+    cfg = dataclasses.replace(tiny_config(), categories=[CATEGORY])
+    cfg.autoencoder = dataclasses.replace(cfg.autoencoder, spec="taesd", latent_channels=16)
+    cfg.denoiser = dataclasses.replace(cfg.denoiser, latent_channels=16, latent_size=4)
+    cfg.preprocess = dataclasses.replace(cfg.preprocess, image_size=32, resize=32)
+    cfg.anomaly_map = MapConfig(combine="arithmetic", features=True, pixel=False)
+    cfg.latent_scaling = LatentScaling(kind="none")
+    cfg.measured.feature_scales = {CATEGORY: [1.0, 1.0, 1.0]}
+    model = DecoDiffModel(cfg, net, Denoiser(cfg.denoiser))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ran = []
+    last = net.decoder[-1].register_forward_hook(lambda *args: ran.append(True))
+    out = model.infer(images)
+    assert not ran and out.corrected is None
+    z0 = model.encode(images)
+    z0_hat = model.correct(z0)
+    _, _, levels = model.decode_pairs(z0, z0_hat, features=True)  # the full decode's features
+    expected = anomaly_maps(MapInputs(z0, z0_hat, (32, 32), features=levels, feature_scales=torch.ones(2, 3)),
+                            cfg.anomaly_map)
+    assert torch.allclose(out.maps, expected, atol=1e-6)
+    kept = model.infer(images, options=InferenceOptions(keep_corrected=True))
+    assert ran and kept.corrected.shape == (2, 3, 32, 32)  # the corrected image, decoded on its own
+    last.remove()
 
 
 def test_diffusers_decoder_features():

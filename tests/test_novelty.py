@@ -204,3 +204,19 @@ def test_info_mentions_the_novelty_term(invoke, novelty_bundle):
     result = invoke("info", novelty_bundle)
     assert result.exit_code == 0, result.output
     assert "novelty term" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("bank_size", [1, 7, 512, 1300])
+def test_nearest_distance_matches_brute_force_in_blocks(monkeypatch, bank_size):
+    monkeypatch.setattr(novelty, "DISTANCES_PER_CHUNK", 3000)  # several query chunks and bank blocks
+    generator = torch.Generator().manual_seed(bank_size)
+    z = torch.randn(2, 4, 6, 5, generator=generator)
+    bank = torch.randn(bank_size, 4, generator=generator)
+    exclude = torch.rand(2, bank_size, generator=generator) < 0.3
+    exclude[:, 0] = False  # every image keeps a candidate
+    queries = neighbourhood(z).permute(0, 2, 3, 1).reshape(2, -1, 4)
+    for i in range(2):
+        d = torch.cdist(queries[i].double(), bank.double())
+        d[:, exclude[i]] = float("inf")
+        expected = d.amin(dim=1).float().view(6, 5)
+        assert torch.allclose(nearest_distance(z[i:i + 1], bank, exclude[i:i + 1])[0, 0], expected, atol=1e-4)

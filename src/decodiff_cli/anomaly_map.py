@@ -200,11 +200,6 @@ def anomaly_maps(inputs: MapInputs, cfg: MapConfig) -> torch.Tensor:
     return maps[:, 0].clamp(0, 1)
 
 
-def needs_decoder(cfg: MapConfig) -> bool:
-    """Whether a term of the map reads decoded images or decoder features."""
-    return any(name in ("pixel", "features") for name in cfg.correction_terms())
-
-
 def image_scores(maps: torch.Tensor, top_fraction: float = 0.0) -> torch.Tensor:
     """(N, H, W) maps -> (N,) image scores: the mean of each map's highest ``top_fraction``
     of pixels (at least one); 0: the map's maximum (the paper's score)."""

@@ -68,6 +68,10 @@ class MapConfig:
     """Discrepancies -> anomaly map (docs/method.md section 6, Eq. 15)."""
 
     combine: str = "geometric"  # geometric | arithmetic | pixel | latent
+    # The pixel term, |D(z0_hat) - D(z0)| in RGB. Off, a map with the feature term needs the
+    # decoder only up to its last feature level, not its full-resolution layers (the cpu
+    # preset: a third of the scoring time, docs/results.md).
+    pixel: bool = True
     pixel_clip: float = 0.4
     # The scale the pixel difference and its clip are taken on. "decoder": the decoder's own
     # [-1, 1] output, not clamped (the authors' evaluation code, docs/method.md 6); "unit": the
@@ -93,6 +97,7 @@ class MapConfig:
     # weighs well. Needs an autoencoder with a decoder (not the pixel backend).
     features: bool = False
     feature_clip: float = 2.0  # in units of the normal 99th percentile
+    feature_levels: int = 0  # the coarsest this many levels; 0: all
     # Beyond the paper: for classes without their own normal reference (unaligned ones),
     # also score a copy of the image shifted by half a latent pixel and average the two
     # maps (the second shifted back). Where the autoencoder's grid falls changes how the
@@ -119,8 +124,8 @@ class MapConfig:
     def correction_terms(self) -> list[str]:
         """The terms the correction map is the mean of (anomaly_map.TERMS), in order: a
         one-term map ("pixel", "latent") is that term alone."""
-        terms = [name for name, wanted in (("pixel", self.combine != "latent"), ("latent", self.combine != "pixel"))
-                 if wanted]
+        terms = [name for name, wanted in (("pixel", self.pixel and self.combine != "latent"),
+                                           ("latent", self.combine != "pixel")) if wanted]
         return terms + ["features"] if self.features else terms
 
     def validate(self, before_fit: bool = False) -> None:
@@ -137,6 +142,10 @@ class MapConfig:
         if self.features and self.combine in ("pixel", "latent"):
             raise ValueError(f"--map-features: the feature term is a third term of an arithmetic or geometric map, "
                              f"not of --map {self.combine}")
+        if not self.pixel and self.combine == "pixel":
+            raise ValueError("--no-map-pixel: --map pixel is the pixel term alone")
+        if self.feature_levels < 0:
+            raise ValueError(f"--feature-levels must be 0 (all) or more, not {self.feature_levels}")
         if self.novelty_bank < 1:
             raise ValueError(f"--novelty-bank must be at least 1, not {self.novelty_bank}")
         if not 0 <= self.novelty_weight <= 1:

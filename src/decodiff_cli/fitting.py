@@ -104,7 +104,8 @@ def after_training_seconds(cfg: ModelConfig, autoencoder, device, holdout: dict[
     timing = copy.deepcopy(cfg)
     map_cfg = timing.anomaly_map
     map_cfg.reference = "none"  # statistics not measured yet; the z-score costs nothing extra
-    timing.measured.feature_scales = {name: [1.0] * len(autoencoder.feature_stages()) for name in categories}
+    levels = len(autoencoder.feature_stages()[: map_cfg.feature_levels or None])
+    timing.measured.feature_scales = {name: [1.0] * levels for name in categories}
     timing.measured.novelty_scales = {name: 1.0 for name in categories}
     denoiser = Denoiser(timing.denoiser)
     model = DecoDiffModel(timing, autoencoder, denoiser, device, normal_latents=banks)
@@ -125,7 +126,8 @@ def after_training_seconds(cfg: ModelConfig, autoencoder, device, holdout: dict[
         z0 = _first_views(cache, torch.arange(min(2, cache.num_images)), model.scaler).to(model.device)
         clock = time.monotonic()
         z0_hat = model.correct(z0, torch.zeros(len(z0), dtype=torch.long))
-        model.decode_pairs(z0, z0_hat, features=map_cfg.features)
+        if map_cfg.features:
+            model.decode_pairs(z0, z0_hat, features=True, images=False)
         seconds += (time.monotonic() - clock) / len(z0) * reference_images
     weights = sum(v.numel() * 4 for v in list(autoencoder.state_dict().values()) + list(denoiser.state_dict().values()))
     weights += sum(bank.numel() * 2 for bank in (banks or {}).values())
@@ -179,7 +181,7 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
                 z0_hat = model.correct(z0, torch.full((len(z0),), index))
                 differences.append(latent_difference(z0_hat, z0).cpu())
                 if map_cfg.features:
-                    levels.append([level.cpu() for level in model.decode_pairs(z0, z0_hat, features=True)[2]])
+                    levels.append([level.cpu() for level in model.decode_pairs(z0, z0_hat, features=True, images=False)[2]])
         if use_reference:
             references.append(normal_reference(torch.cat(differences)) if own_reference
                               else identity_reference(map_cfg, (size, size)))

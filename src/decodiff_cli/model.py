@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from decodiff_cli.anomaly_map import MapInputs, anomaly_maps, feature_difference, image_scores, needs_decoder, shift_images
+from decodiff_cli.anomaly_map import MapInputs, anomaly_maps, feature_difference, image_scores, shift_images
 from decodiff_cli.autoencoders import Autoencoder
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
@@ -117,23 +117,32 @@ class DecoDiffModel:
         return self._chunked(self.autoencoder.decode, self.scaler.denormalize(z))
 
     @torch.inference_mode()
-    def decode_pairs(self, z0: torch.Tensor, z0_hat: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def decode_pairs(self, z0: torch.Tensor, z0_hat: torch.Tensor, features: bool,
+                     images: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor]]:
         """Decodes each input beside its correction: (reconstructed, corrected, per-level
-        decoder-feature differences (N, 1, h_l, w_l), [] unless ``features``). Pairs share a
-        chunk, so that the full-size feature maps can be compared and dropped at once."""
+        decoder-feature differences (N, 1, h_l, w_l) of the map's feature levels, [] unless
+        ``features``). Without ``images`` the two images are None and the decoder stops at
+        the last feature level. Pairs share a chunk, so that the full-size feature maps can
+        be compared and dropped at once."""
         pairs = torch.stack([z0, z0_hat], dim=1).flatten(0, 1)  # z0[0], z0_hat[0], z0[1], ...
         layout = torch.channels_last if self.on_cpu else torch.contiguous_format
         clamp = self.cfg.anomaly_map.pixel_scale != "decoder"  # the paper's pixel term: the decoder's own output
         decode = self.autoencoder.decode if clamp else self.autoencoder.decode_unclamped
-        images, levels = [], []
+        wanted = self.cfg.anomaly_map.feature_levels or None
+        decoded, levels = [], []
         for chunk in self.scaler.denormalize(pairs).split(2 * self.autoencoder_chunk):
             with self._autocast():
                 chunk = chunk.to(self.device).contiguous(memory_format=layout)
-                decoded, found = self.autoencoder.decode_with_features(chunk, clamp) if features else (decode(chunk), [])
-            images.append(decoded.float())
+                image, found = (self.autoencoder.decode_with_features(chunk, clamp, images, wanted) if features
+                                else (decode(chunk), []))
+            if image is not None:
+                decoded.append(image.float())
             levels.append([feature_difference(f[0::2], f[1::2]) for f in found])
-        images = torch.cat(images).contiguous()
-        return images[0::2], images[1::2], [torch.cat(level) for level in zip(*levels)]
+        differences = [torch.cat(level) for level in zip(*levels)]
+        if not decoded:
+            return None, None, differences
+        both = torch.cat(decoded).contiguous()
+        return both[0::2], both[1::2], differences
 
     def _correct(self, z0: torch.Tensor, class_ids: torch.Tensor | None, steps: int | None) -> torch.Tensor:
         labels = class_ids.to(self.device) if class_ids is not None and self.cfg.denoiser.num_classes else None
@@ -243,8 +252,11 @@ class DecoDiffModel:
         lap("denoiser")
 
         reconstructed = corrected = features = None
-        if needs_decoder(self.cfg.anomaly_map) or keep_corrected:
-            reconstructed, corrected, features = self.decode_pairs(z0, z0_hat, self.cfg.anomaly_map.features)
+        terms = self.cfg.anomaly_map.correction_terms()
+        if "pixel" in terms or "features" in terms:
+            reconstructed, corrected, features = self.decode_pairs(z0, z0_hat, "features" in terms, "pixel" in terms)
+        if keep_corrected and corrected is None:
+            corrected = self.decode(z0_hat)
         lap("decode")
 
         inputs = MapInputs(z0, z0_hat, tuple(images.shape[-2:]), reconstructed, corrected,

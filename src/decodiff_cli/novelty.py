@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 
 DISTANCES_PER_CHUNK = 2**24  # query x bank distances computed at once: 64 MiB of floats
+BANK_BLOCK_CPU = 512  # bank vectors per distance block on a CPU: 1,024 queries x 512 = 2 MiB
 POOL_PER_BANK_VECTOR = 8  # candidates drawn per bank vector before the covering selection
 COVER_ROUNDS = 4
 
@@ -81,13 +82,22 @@ def covering(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch
 
 def _nearest(queries: torch.Tensor, bank: torch.Tensor, excluded: torch.Tensor | None = None) -> torch.Tensor:
     """(Q, C) queries -> (Q,) the distance of each to the nearest (M, C) bank vector, not
-    counting those where ``excluded`` (M,) bool is set; DISTANCES_PER_CHUNK at a time."""
+    counting those where ``excluded`` (M,) bool is set. Squared distances as
+    |b|^2 - 2 q.b (one matrix product per block), the minimum per block, |q|^2 and the root
+    only for the minima. On a CPU the blocks are small enough to stay in cache (4-5x faster
+    than whole-bank ``cdist`` on one thread, docs/results.md)."""
+    bank_block = len(bank) if queries.is_cuda else min(len(bank), BANK_BLOCK_CPU)
+    squares = bank.pow(2).sum(dim=1)
     rows = []
-    for chunk in queries.split(max(1, DISTANCES_PER_CHUNK // len(bank))):
-        d = torch.cdist(chunk, bank)
-        if excluded is not None:
-            d[:, excluded] = float("inf")
-        rows.append(d.amin(dim=1))
+    for chunk in queries.split(max(1, DISTANCES_PER_CHUNK // bank_block)):
+        best = torch.full((len(chunk),), float("inf"), device=chunk.device)
+        for start in range(0, len(bank), bank_block):
+            stop = start + bank_block
+            d = torch.addmm(squares[None, start:stop], chunk, bank[start:stop].t(), alpha=-2)
+            if excluded is not None:
+                d[:, excluded[start:stop]] = float("inf")
+            best = torch.minimum(best, d.amin(dim=1))
+        rows.append((best + chunk.pow(2).sum(dim=1)).clamp_min(0).sqrt())
     return torch.cat(rows)
 
 

@@ -52,14 +52,31 @@ class Autoencoder(nn.Module):
         compares (one per resolution: the upsampling steps); [] when there are none."""
         return []
 
-    def decode_with_features(self, latents: torch.Tensor, clamp: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def decode_with_features(self, latents: torch.Tensor, clamp: bool = True, image: bool = True,
+                             levels: int | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """``decode`` (``decode_unclamped`` without ``clamp``) that also returns the decoder's
-        feature maps, coarse to fine."""
+        first ``levels`` feature maps (None: all), coarse to fine. Without ``image`` the
+        decoder stops at the last of them and the image is None: the finer layers, most of
+        a decoder's work, are skipped."""
+        stages = self.feature_stages()[:levels]
         found: list[torch.Tensor] = []
-        hooks = [stage.register_forward_pre_hook(lambda module, args: found.append(args[0]))
-                 for stage in self.feature_stages()]
+
+        def grab(module: nn.Module, args: tuple) -> None:
+            if len(found) < len(stages):
+                found.append(args[0])
+            if not image and len(found) == len(stages):
+                raise _Enough
+
+        hooks = [stage.register_forward_pre_hook(grab) for stage in stages]
         try:
-            return (self.decode(latents) if clamp else self.decode_unclamped(latents)), found
+            decoded = self.decode(latents) if clamp else self.decode_unclamped(latents)
+        except _Enough:
+            return None, found
         finally:
             for hook in hooks:
                 hook.remove()
+        return (decoded if image else None), found
+
+
+class _Enough(Exception):
+    """Raised inside the decoder once it has given every feature map asked for."""

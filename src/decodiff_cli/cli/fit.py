@@ -46,6 +46,8 @@ def fit(
     map_combine: Optional[str] = typer.Option(None, "--map", help="Map combination: geometric (paper), arithmetic (cpu default), pixel or latent."),
     map_reference: Optional[str] = typer.Option(None, "--map-reference", help="position: latent discrepancy as a z-score against normal training images; auto (cpu default): position for aligned classes only; none: the paper's map."),
     map_features: Optional[bool] = typer.Option(None, "--map-features/--no-map-features", help="Add the decoder-feature discrepancy to the map (needs a decoder: not the pixel backend)."),
+    map_pixel: Optional[bool] = typer.Option(None, "--map-pixel/--no-map-pixel", help="The pixel term, |D(z0_hat) - D(z0)| in RGB. Off, the decoder runs only as far as the feature term needs."),
+    feature_levels: Optional[int] = typer.Option(None, "--feature-levels", min=0, help="The feature term reads the decoder's coarsest N levels (0: all); fewer levels: less decoding."),
     map_novelty: Optional[bool] = typer.Option(None, "--map-novelty/--no-map-novelty", help="Mix the map with each place's latent distance to the nearest normal latent (cpu default, not with --autoencoder pixel; stores the normal latents in the bundle)."),
     novelty_bank: Optional[int] = typer.Option(None, "--novelty-bank", min=1, help="Normal latent vectors kept per class for the novelty term (default 65536; more: better coverage, linearly slower scoring)."),
     novelty_weight: Optional[float] = typer.Option(None, "--novelty-weight", min=0.0, max=1.0, help="The novelty term's share of the map (cpu default 0.67; the correction map has the rest)."),
