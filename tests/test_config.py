@@ -247,3 +247,25 @@ def test_mixed_precision_auto_follows_the_hardware(monkeypatch):
     assert resolve_mixed_precision("auto") == "bf16"
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
     assert resolve_mixed_precision("auto") == "no"
+
+
+def test_inference_dtype_auto_follows_the_hardware(monkeypatch):
+    from decodiff_cli.autoencoders.pixel import PixelAutoencoder
+    from decodiff_cli.denoiser import Denoiser
+    from decodiff_cli.model import DecoDiffModel
+
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    cfg.denoiser.latent_channels = 192
+
+    def model(dtype):
+        return DecoDiffModel(cfg, PixelAutoencoder(), Denoiser(cfg.denoiser), "cpu", dtype)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert model("auto").dtype == "bf16" and model("fp32").dtype == "fp32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    assert model("auto").dtype == "fp32"
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        model("fp8")

@@ -62,7 +62,7 @@ class Detector:
         self.thresholds: dict[str, dict] = dict(bundle.calibration.get("categories", {}))
 
     @classmethod
-    def load(cls, bundle_path: str | Path, device: str = "auto", dtype: str = "fp32", batch_size: int = 8) -> "Detector":
+    def load(cls, bundle_path: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 8) -> "Detector":
         bundle = read_bundle(Path(bundle_path))
         autoencoder, denoiser, reference = load_networks(bundle)
         model = DecoDiffModel(bundle.config, autoencoder, denoiser, device, dtype, reference, load_normal_latents(bundle))

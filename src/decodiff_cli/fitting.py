@@ -421,17 +421,13 @@ def fit(
 
 
 def resolve_mixed_precision(requested: str) -> str:
-    """"auto": bf16 where the hardware computes it natively (a GPU that supports it, or a
-    CPU with AVX512-BF16 or AMX: 1.5x the steps in a 30-minute fit here), else full precision."""
+    """"auto": bf16 where the hardware computes it natively (model.native_bf16; on such a CPU
+    1.5x the steps in a 30-minute fit here), else full precision."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private probe: absent in some builds
-        native = False
-    return "bf16" if native else "no"
+    from decodiff_cli.model import native_bf16, resolve_device
+
+    return "bf16" if native_bf16(resolve_device("auto")) else "no"
 
 
 def check_resumable(saved_file: Path, cfg: ModelConfig) -> None:

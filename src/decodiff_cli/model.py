@@ -46,6 +46,19 @@ class Inference:
     categories: list[str] | None = None  # per image, when the caller chose them (Detector.infer)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively: a GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and can be slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: absent in some builds
+        return False
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,9 +82,11 @@ class DecoDiffModel:
         reference: torch.Tensor | None = None,
         normal_latents: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if dtype not in DTYPES and dtype != "auto":
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
         self.device = resolve_device(device) if isinstance(device, str) else device
+        if dtype == "auto":
+            dtype = "bf16" if native_bf16(self.device) else "fp32"
         if dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 inference needs a GPU; use bf16 on a CPU")
         self.cfg = cfg

@@ -22,6 +22,7 @@ from decodiff_cli.console import EXIT_ANOMALY, EXIT_INPUTS_FAILED, EXIT_INTERRUP
 
 
 class Dtype(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -163,5 +164,5 @@ INPUTS_ARG = typer.Argument(..., help="Image files, folders (recursive), globs, 
 CLASS_OPT = typer.Option(None, "--class", help="Category to score as (unified models); inferred from the path or the image when omitted.")
 BATCH_OPT = typer.Option(8, "--batch-size", help="Images per forward pass.")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto (a GPU if there is one; under `accelerate launch`, each process its own), cpu, cuda or cuda:N.")
-DTYPE_OPT = typer.Option(Dtype.fp32, "--dtype", help="Inference precision: fp32, bf16 (CPU/GPU) or fp16 (GPU).")
+DTYPE_OPT = typer.Option(Dtype.auto, "--dtype", help="Inference precision: auto (bf16 where the CPU or GPU computes it natively, else fp32), fp32, bf16 or fp16 (GPU).")
 STEPS_OPT = typer.Option(None, "--steps", help="Number of correction steps (model calls); default from the bundle (5).")
