@@ -6,7 +6,7 @@ The public API is ``Detector`` (imported lazily, so ``decodiff --help`` stays fa
     detector = Detector.load("model/")
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["Detector", "Prediction", "__version__"]
 
 

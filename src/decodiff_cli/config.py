@@ -113,7 +113,7 @@ class MapConfig:
     # The novelty term's share of the final map (the correction map has the rest).
     novelty_weight: float = 0.5
     # Normal latent vectors kept per class, chosen to cover the training images
-    # (novelty.covering): 64k costs ~0.23 s per image on one CPU thread and 4 MiB per class
+    # (novelty.covering): 64k costs ~0.07 s per image on one CPU thread and 4 MiB per class
     # (fp16, 32 latent channels); the cost grows linearly.
     novelty_bank: int = 65536
     # Beyond the paper: the image score is the mean of the map over its highest
