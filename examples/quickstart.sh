@@ -2,7 +2,8 @@
 # decodiff quick start: install decodiff (with its test extra), make a small generated
 # dataset, fit a model with the default settings (the packaged TAEF2 autoencoder, no
 # download) for a fixed number of steps, then score, localize, export masks and benchmark.
-# A fixed step count, not a time budget: the figures are the same on a fast or a slow CPU.
+# A fixed step count, not a time budget, and the benchmark in fp32 (the default --dtype auto
+# uses bf16 where the CPU has it): the figures are the same on a fast or a slow CPU.
 # Everything lands in ./quickstart/ (override: $1).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -27,7 +28,7 @@ set +e  # exit code 1/3 from scoring are information, not failure, here
 decodiff score "$work/model" "$data/tile/test" --format csv --output "$work/scores.csv"
 decodiff localize "$work/model" "$data/tile/test" --out "$work/localize" --overwrite
 decodiff export-masks "$work/model" "$data/tile/test" --out "$work/masks" --overwrite --min-area 20
-decodiff benchmark "$data" --bundle "$work/model" --protocol full --json "$work/benchmark.json"
+decodiff benchmark "$data" --bundle "$work/model" --protocol full --dtype fp32 --json "$work/benchmark.json"
 set -e
 
 echo
