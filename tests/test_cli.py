@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -317,15 +318,19 @@ def test_localize_writes_maps_at_original_size(invoke, bundle, non_square, tmp_p
     result = invoke("localize", bundle, non_square.parent, "--out", out)
     assert result.exit_code == 0, result.output
     stem = out / non_square.stem
-    for suffix in ("_heatmap.png", "_overlay.png", "_recon.png"):
+    for suffix in ("_heatmap.png", "_overlay.png", "_recon.png", "_input.png"):
         with Image.open(f"{stem}{suffix}") as im:
             assert im.size == (80, 50) and im.mode == "RGB", suffix
+    with Image.open(f"{stem}_input.png") as im, Image.open(non_square) as original:
+        assert np.array_equal(np.asarray(im), np.asarray(original.convert("RGB")))  # the input, unchanged
     with Image.open(f"{stem}.tiff") as im:
         assert im.mode == "F" and im.size == (80, 50)
         amap = np.asarray(im)
     assert amap.dtype == np.float32 and np.isfinite(amap).all() and amap.min() >= 0
     html = (out / "index.html").read_text()
     assert "wide part.png" in html and "wide%20part_heatmap.png" in html
+    columns = re.findall(r"<th>([^<]*)</th>", html)
+    assert columns.index("corrected") == columns.index("input") + 1  # the repair, beside what it repaired
 
     refused = invoke("localize", bundle, non_square, "--out", out)
     assert refused.exit_code == 2

@@ -26,6 +26,7 @@ class GalleryEntry:
     heatmap: PathLike | None = None
     overlay: PathLike | None = None
     reconstruction: PathLike | None = None
+    input: PathLike | None = None  # the image as read: beside its correction, the repair shows
     error: str | None = None
 
 
@@ -62,7 +63,7 @@ def _row(out_dir: str, e: GalleryEntry) -> str:
     decision = {True: "anomalous", False: "normal"}.get(e.is_anomalous, "unknown")
     cells = [_display(e.name), _num(e.score), _num(e.threshold)]
     cells.append(f'<span class="{decision}">{decision}</span>')
-    for img in (e.heatmap, e.overlay, e.reconstruction):
+    for img in (e.input, e.reconstruction, e.heatmap, e.overlay):
         h = _href(out_dir, img)
         cells.append(f'<a href="{h}"><img src="{h}" alt="" loading="lazy"></a>' if h else "&mdash;")
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
@@ -86,7 +87,7 @@ def write_gallery(out_dir: PathLike, entries: Iterable[GalleryEntry | dict]) -> 
     failed = [e for e in items if e.error]
     n_anom = sum(bool(e.is_anomalous) for e in ok)
     folder = os.path.realpath(out_dir)  # OutputPaths hands out resolved paths too
-    columns = ("image", "score", "threshold", "decision", "heatmap", "overlay", "reconstruction")
+    columns = ("image", "score", "threshold", "decision", "input", "corrected", "heatmap", "overlay")
     parts = [
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
         f"<title>decodiff results</title><style>{_CSS}</style></head><body>",

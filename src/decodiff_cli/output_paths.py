@@ -25,6 +25,7 @@ PRODUCTS = {
     "overlay": "_overlay.png",
     "mask": "_mask.png",
     "reconstruction": "_recon.png",
+    "input": "_input.png",  # the image as read, beside its correction in the gallery
 }
 
 
@@ -38,6 +39,7 @@ class ProductPaths:
     overlay: Path
     mask: Path
     reconstruction: Path
+    input: Path
 
     @classmethod
     def from_stem(cls, stem: Path) -> ProductPaths:

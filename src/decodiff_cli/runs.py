@@ -79,7 +79,7 @@ def score(detector: Detector, images: list[InputImage], opts: InferenceOptions,
 def localize(detector: Detector, images: list[InputImage], opts: InferenceOptions, out_dir: Path,
              advance: Callable[[], None] = lambda: None, *, all_inputs: list[InputImage] | None = None,
              write_index: bool = True) -> RunSummary:
-    """Heatmap, overlay, corrected image and raw float TIFF per image, plus index.html.
+    """Heatmap, overlay, input and corrected image and raw float TIFF per image, plus index.html.
 
     A process of a split job passes every input as ``all_inputs`` (output names depend on
     the whole set) and ``write_index=False``: the main process writes the gallery from
@@ -99,9 +99,11 @@ def localize(detector: Detector, images: list[InputImage], opts: InferenceOption
             save_image(target.heatmap, heatmap_image(shown))
             save_image(target.overlay, overlay_image(pred.original, shown))
             save_image(target.reconstruction, pred.corrected)
+            save_image(target.input, pred.original)
             entries.append(GalleryEntry(name=name, score=pred.score, threshold=pred.threshold,
                                         is_anomalous=pred.is_anomalous, heatmap=target.heatmap,
-                                        overlay=target.overlay, reconstruction=target.reconstruction))
+                                        overlay=target.overlay, reconstruction=target.reconstruction,
+                                        input=target.input))
         advance()
     if write_index:
         write_gallery(out_dir, entries)
