@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from decodiff_cli import __version__
+from decodiff_cli import Detector, __version__
 from decodiff_cli.records import RECORD_FIELDS
 
 from conftest import CATEGORY, as_format_1
@@ -440,3 +440,30 @@ def test_calibrate_rewrites_thresholds(invoke, bundle_copy, category_dir, good_i
     scored = invoke("score", bundle_copy, good_images[0], "--format", "jsonl")
     assert scored.exit_code == 0, scored.output
     assert jsonl(scored.stdout)[0]["threshold"] == pytest.approx(entry["image_threshold"])
+
+
+def test_a_model_with_a_non_square_input(invoke, category_dir, non_square, tmp_path):
+    """--image-size WxH: resized whole to W x H (no crop); maps come back at each image's own size."""
+    out = tmp_path / "wide"
+    result = invoke("fit", category_dir, "--out", out, *TINY_FIT, "--image-size", "96x64", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["preprocess"]["image_size"], config["preprocess"]["image_height"]) == (96, 64)
+    assert (config["denoiser"]["latent_size"], config["denoiser"]["latent_height"]) == (12, 8)
+    assert "96x64" in invoke("info", out).stdout
+
+    review = tmp_path / "review"
+    result = invoke("localize", out, non_square.parent, "--out", review)
+    assert result.exit_code == 0, result.output
+    with Image.open(review / f"{non_square.stem}.tiff") as im:
+        assert im.size == (80, 50)
+    detector = Detector.load(out)
+    prediction = next(detector.predict([non_square]))
+    assert prediction.anomaly_map.shape == (50, 80) and prediction.error is None
+    bench = invoke("benchmark", category_dir.parent, "--bundle", out, "--protocol", "full", "--json", tmp_path / "b.json")
+    assert bench.exit_code == 0, bench.output
+
+    refused = invoke("fit", category_dir, "--out", tmp_path / "x", *TINY_FIT, "--image-size", "96x64", "--resize", "120")
+    assert refused.exit_code == 2 and "needs a square" in refused.stderr
+    refused = invoke("fit", category_dir, "--out", tmp_path / "x", *TINY_FIT, "--image-size", "96x40")
+    assert refused.exit_code == 2 and "multiple of 32" in refused.stderr

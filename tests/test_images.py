@@ -312,3 +312,47 @@ def test_mask_from_16_bit_file(tmp_path):
     Image.fromarray(a).save(tmp_path / "m.png")
     m = mask_to_model_space(tmp_path / "m.png", PreprocessConfig(image_size=8, resize=8))
     assert m[:, 4:].all() and not m[:, :4].any()
+
+
+def test_a_non_square_input_is_resized_whole_and_maps_go_back():
+    pre = PreprocessConfig(image_size=64, resize=64, image_height=16)
+    img = Image.new("RGB", (200, 60), (10, 20, 30))
+    img.paste((250, 250, 250), (150, 0, 200, 60))  # a bright right quarter
+    t = image_to_tensor(img, pre)
+    assert t.shape == (3, 16, 64) and pre.shape == (16, 64)
+    assert t[:, :, -8:].mean() > 0.9 and t[:, :, :40].mean() < -0.8  # nothing cropped away
+    amap = np.zeros((16, 64), np.float32)
+    amap[:, 48:] = 1.0
+    back = map_to_original(amap, (200, 60), pre)
+    assert back.shape == (60, 200) and back[:, 160:].min() > 0.9 and back[:, :140].max() < 0.1
+    with pytest.raises(ValueError, match=r"\(16, 64\)"):
+        map_to_original(np.zeros((64, 64), np.float32), (200, 60), pre)
+    mask = Image.new("L", (200, 60))
+    mask.paste(255, (150, 0, 200, 60))
+    m = mask_to_model_space(mask, pre)
+    assert m.shape == (16, 64) and m[:, 50:].all() and not m[:, :46].any()
+
+
+def test_image_size_parses_a_side_or_width_x_height():
+    from decodiff_cli.config import parse_image_size
+
+    assert parse_image_size(256) == (256, 0) and parse_image_size("256") == (256, 0)
+    assert parse_image_size("512x128") == (512, 128) and parse_image_size("320X320") == (320, 0)
+    with pytest.raises(ValueError, match="WxH"):
+        parse_image_size("wide")
+    with pytest.raises(ValueError, match="needs a square"):
+        PreprocessConfig(image_size=64, resize=80, image_height=32)
+
+
+def test_fit_suggests_a_shape_for_elongated_images(tmp_path):
+    from decodiff_cli.fitting import shape_hint
+
+    paths = []
+    for i, size in enumerate([(1600, 400), (1580, 400), (1620, 410)]):
+        paths.append(tmp_path / f"scan{i}.png")
+        Image.new("RGB", size).save(paths[-1])
+    square = PreprocessConfig(image_size=256, resize=256)
+    assert "--image-size 512x128" in shape_hint(paths, square)
+    assert shape_hint(paths, PreprocessConfig(image_size=512, resize=512, image_height=128)) is None
+    Image.new("RGB", (300, 260)).save(tmp_path / "part.png")
+    assert shape_hint([tmp_path / "part.png"], square) is None  # near square: no hint

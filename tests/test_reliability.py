@@ -392,7 +392,7 @@ def test_outputs_cannot_escape_the_output_folder(invoke, bundle, good, tmp_path)
     assert list(outside.iterdir()) == []
     real_out = os.path.realpath(out)
     written = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()]
-    assert len(written) == 2 * 4 + 1  # 4 products per image + index.html
+    assert len(written) == 2 * 5 + 1  # 5 products per image + index.html
     for path in written:
         assert os.path.commonpath([os.path.realpath(path), real_out]) == real_out, path
     assert (out / "good_heatmap.png").is_file()

@@ -211,10 +211,10 @@ def load_reference(bundle: Bundle) -> torch.Tensor | None:
     if not file.is_file():
         raise BundleError(f"{bundle.path}: {REFERENCE} is missing, but {CONFIG} asks for a {cfg.anomaly_map.reference!r} map reference")
     reference = load_state(file).get("reference")
-    size = cfg.denoiser.latent_size
-    if reference is None or tuple(reference.shape) != (len(cfg.categories), 2, size, size):
+    h, w = cfg.denoiser.latent_shape
+    if reference is None or tuple(reference.shape) != (len(cfg.categories), 2, h, w):
         shape = None if reference is None else tuple(reference.shape)
-        raise BundleError(f"{file}: expected a (classes, 2, {size}, {size}) 'reference' tensor, found {shape}")
+        raise BundleError(f"{file}: expected a (classes, 2, {h}, {w}) 'reference' tensor, found {shape}")
     return reference.float()
 
 

@@ -18,16 +18,47 @@ FORMAT_VERSION = 2  # 2: what fit measured moved from the settings into ModelCon
 class PreprocessConfig:
     """Image file -> tensor. The paper resizes to 288x288 and centre-crops 256."""
 
-    image_size: int = 256  # side of the square the model sees (after the crop)
+    image_size: int = 256  # side of the square the model sees (after the crop); its width if not square
     resize: int = 256  # side the image is first resized to; > image_size means a centre crop
     # Why no crop by default: a crop silently hides defects near the border, which on
     # unaligned parts (tiles, webs) is where many are. `--resize 288` gives the paper's.
+    # `--image-size WxH`: the height of a model input that is not square (0: square). The
+    # whole image is resized to image_size x image_height, with no crop, so that elongated
+    # images (line scans, webs) are not squeezed along their long side.
+    image_height: int = 0
 
     def __post_init__(self) -> None:
-        if self.image_size < 8 or self.resize < self.image_size:
+        if self.image_height:
+            if min(self.image_size, self.image_height) < 8:
+                raise ValueError(f"image size {self.image_size}x{self.image_height}: both sides must be >= 8")
+            if self.resize != self.image_size:
+                raise ValueError("--resize (a centre crop) needs a square --image-size")
+        elif self.image_size < 8 or self.resize < self.image_size:
             raise ValueError(
                 f"resize ({self.resize}) must be >= image size ({self.image_size}) and both >= 8"
             )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the model's input."""
+        return (self.image_height or self.image_size, self.image_size)
+
+    def describe(self) -> str:
+        if self.image_height:
+            return f"resize to {self.image_size}x{self.image_height}, no crop"
+        return f"resize {self.resize}, crop {self.image_size}"
+
+
+def parse_image_size(value: int | str) -> tuple[int, int]:
+    """``--image-size``: 256 (a square) or WxH -> (width, height; 0 for a square)."""
+    text = str(value).strip().lower()
+    try:
+        if "x" in text:
+            width, height = (int(part) for part in text.split("x"))
+            return (width, 0) if width == height else (width, height)
+        return int(text), 0
+    except ValueError:
+        raise ValueError(f"--image-size must be a number or WxH (e.g. 512x128), not {value!r}") from None
 
 
 @dataclass
@@ -179,9 +210,15 @@ class AutoencoderConfig:
 class DenoiserConfig:
     size: str = "xs"
     latent_channels: int = 4
-    latent_size: int = 32
+    latent_size: int = 32  # the latent's width (its side when square)
+    latent_height: int = 0  # 0: square
     num_classes: int = 0  # > 0: class-conditional (unified multi-category model)
     attention: list[bool] = field(default_factory=list)  # per level, fine to coarse; [] = the size's
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(height, width) of the latent."""
+        return (self.latent_height or self.latent_size, self.latent_size)
 
 
 @dataclass

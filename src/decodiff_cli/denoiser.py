@@ -15,6 +15,8 @@ from torch import nn
 from decodiff_cli.config import DenoiserConfig
 
 # name -> (base width, res-blocks per level, attention per level, dropout)
+# The UNet halves the latent twice (three levels): each side must be a multiple of this.
+LATENT_MULTIPLE = 4
 SIZES: dict[str, tuple[int, int, tuple[bool, bool, bool], float]] = {
     "tiny": (16, 1, (False, False, True), 0.0),
     "xs": (64, 2, (True, True, True), 0.1),
@@ -36,7 +38,7 @@ def unet_kwargs(cfg: DenoiserConfig) -> dict[str, Any]:
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     kwargs: dict[str, Any] = dict(
-        sample_size=cfg.latent_size,
+        sample_size=cfg.latent_shape if cfg.latent_height else cfg.latent_size,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
         block_out_channels=(width, 2 * width, 4 * width),

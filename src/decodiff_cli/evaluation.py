@@ -31,7 +31,7 @@ class BundlePredictor:
         self.steps = steps
         self.infer_class = infer_class
         pre = detector.bundle.config.preprocess
-        self.same_geometry = PROTOCOLS.get(protocol) == (pre.resize, pre.image_size)
+        self.same_geometry = not pre.image_height and PROTOCOLS.get(protocol) == (pre.resize, pre.image_size)
         self.timed_images = 0
         self.timed_seconds = 0.0
         self.stage_seconds: dict[str, float] = {}

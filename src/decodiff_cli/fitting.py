@@ -30,7 +30,8 @@ from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
 from decodiff_cli.config import FitStatistics, LatentScaling, ModelConfig, TrainConfig
 from decodiff_cli.datasets import find_mask
-from decodiff_cli.images import ImageReadError, load_image, read_image
+from decodiff_cli.denoiser import LATENT_MULTIPLE
+from decodiff_cli.images import ImageReadError, image_size, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import LatentScaler, fit_scaling
 from decodiff_cli.novelty import normal_bank, novelty_scale
@@ -170,7 +171,7 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
       classes that "auto" found unaligned get the identity reference (the paper's map);
     - per class, the scales of the decoder-feature levels, when the map has that term."""
     map_cfg = model.cfg.anomaly_map
-    size = model.cfg.denoiser.latent_size
+    size = model.cfg.denoiser.latent_shape
     use_reference = map_cfg.reference != "none"
     references, scales = [], {}
     for index, name in enumerate(categories):
@@ -184,7 +185,7 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
                     levels.append([level.cpu() for level in model.decode_pairs(z0, z0_hat, features=True, images=False)[2]])
         if use_reference:
             references.append(normal_reference(torch.cat(differences)) if own_reference
-                              else identity_reference(map_cfg, (size, size)))
+                              else identity_reference(map_cfg, size))
         if map_cfg.features:
             scales[name] = [round(x, 6) for x in feature_scales([torch.cat(level) for level in zip(*levels)])]
     return (torch.stack(references) if use_reference else None), scales
@@ -235,6 +236,30 @@ def record_training(train_cfg: TrainConfig, result, views: int) -> TrainConfig:
         if result.steps != result.schedule_steps:  # cut short by the clock, or continued at the final rate
             record.stop_step = result.steps
     return record
+
+
+def shape_hint(paths: list, pre, sample: int = 32) -> str | None:
+    """For a square model input: a suggested ``--image-size WxH`` when the images are
+    elongated (median aspect ratio beyond 3:2), at about the same pixel count."""
+    if pre.image_height:
+        return None
+    ratios = []
+    for path in paths[:: max(1, len(paths) // sample)]:
+        try:
+            width, height = image_size(path)  # the header only
+        except Exception:  # not a file, or unreadable: the ratio is a hint, not a rule
+            continue
+        ratios.append(width / height)
+    if not ratios:
+        return None
+    aspect = float(np.median(ratios))
+    if 2 / 3 <= aspect <= 3 / 2:
+        return None
+    multiple = 32  # the autoencoder's 8 x the denoiser's 4
+    width = max(multiple, round(pre.image_size * aspect ** 0.5 / multiple) * multiple)
+    height = max(multiple, round(pre.image_size ** 2 / width / multiple) * multiple)
+    return (f"the images are {aspect:.2f}:1 (median) and will be squeezed into {pre.image_size}x{pre.image_size}; "
+            f"--image-size {width}x{height} keeps their shape at about the same pixel count")
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -327,6 +352,9 @@ def fit(
         train_part, holdout[name] = split_holdout(usable, cfg.train.holdout_fraction, cfg.train.min_holdout, cfg.train.seed)
         train_paths += train_part
         labels += [index] * len(train_part)
+        hint = shape_hint(usable, cfg.preprocess)
+        if hint:
+            report.note(f"class {name!r}: {hint}")
     report.images(train=len(train_paths), holdout=sum(map(len, holdout.values())), categories=categories, skipped=skipped)
 
     # 2. the frozen autoencoder (loaded above), and every training view encoded once
@@ -338,9 +366,13 @@ def fit(
     cfg.denoiser.num_classes = len(categories) if class_conditional else 0
     cfg.decodiff_version = __version__
     cfg.denoiser.latent_channels = autoencoder.latent_channels
-    cfg.denoiser.latent_size = cfg.preprocess.image_size // autoencoder.downsample
-    if cfg.preprocess.image_size % autoencoder.downsample:
-        raise ValueError(f"--image-size must be a multiple of the autoencoder's downsampling ({autoencoder.downsample})")
+    height, width = cfg.preprocess.shape
+    multiple = autoencoder.downsample * LATENT_MULTIPLE  # the UNet halves the latent twice
+    if height % multiple or width % multiple:
+        raise ValueError(f"--image-size: each side must be a multiple of {multiple} (the autoencoder's "
+                         f"{autoencoder.downsample}x downsampling, then the denoiser's {LATENT_MULTIPLE}x), not {width}x{height}")
+    cfg.denoiser.latent_size = width // autoencoder.downsample
+    cfg.denoiser.latent_height = height // autoencoder.downsample if cfg.preprocess.image_height else 0
     if resume:
         check_resumable(work / "config.json", cfg)
     work.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Geometry (``PreprocessConfig``, docs/method.md section 1): the image is resized to
 ``resize x resize`` (aspect ratio not kept, as in the paper), then centre-cropped to
-``image_size``. ``map_to_original`` undoes exactly that, so a map can be laid over the
-user's picture.
+``image_size``; with ``image_height`` (``--image-size WxH``) it is resized to W x H, no
+crop. ``map_to_original`` undoes exactly that, so a map can be laid over the user's
+picture.
 
 Colour policy, decided once here so every command sees the same pixels:
 - EXIF orientation is applied (a phone photo is scored the way it is displayed).
@@ -321,11 +322,15 @@ def _crop_box(pre: PreprocessConfig) -> tuple[int, int, int, int]:
 
 
 def image_to_tensor(img: Image.Image, pre: PreprocessConfig) -> torch.Tensor:
-    """RGB image -> float32 (3, S, S) in [-1, 1]: bicubic resize, then centre crop."""
+    """RGB image -> float32 (3, H, W) in [-1, 1]: bicubic resize, then centre crop (a
+    square input) or resize to W x H (``pre.image_height``)."""
     if img.mode != "RGB":
         img = _to_rgb(img, "(PIL image)")
     # Pillow's resize is antialiased when shrinking (the filter support widens).
-    img = img.resize((pre.resize, pre.resize), Image.Resampling.BICUBIC).crop(_crop_box(pre))
+    if pre.image_height:
+        img = img.resize((pre.image_size, pre.image_height), Image.Resampling.BICUBIC)
+    else:
+        img = img.resize((pre.resize, pre.resize), Image.Resampling.BICUBIC).crop(_crop_box(pre))
     a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
     return (a.permute(2, 0, 1) / 127.5 - 1.0).contiguous()
 
@@ -344,11 +349,14 @@ def map_to_original(
     was seen there), then is resized bilinearly to the original W x H.
     """
     m = np.asarray(map_, dtype=np.float32)
-    if m.shape != (pre.image_size, pre.image_size):
-        raise ValueError(f"map shape {m.shape} is not ({pre.image_size}, {pre.image_size})")
-    frame = np.zeros((pre.resize, pre.resize), dtype=np.float32)
-    left, top, right, bottom = _crop_box(pre)
-    frame[top:bottom, left:right] = m
+    if m.shape != pre.shape:
+        raise ValueError(f"map shape {m.shape} is not {pre.shape}")
+    if pre.image_height:  # no crop: the map covers the whole image
+        frame = m
+    else:
+        frame = np.zeros((pre.resize, pre.resize), dtype=np.float32)
+        left, top, right, bottom = _crop_box(pre)
+        frame[top:bottom, left:right] = m
     w, h = original_size
     out = Image.fromarray(frame, "F").resize((int(w), int(h)), Image.Resampling.BILINEAR)
     return np.asarray(out, dtype=np.float32).copy()
@@ -382,7 +390,9 @@ def mask_levels(source: ImageSource) -> np.ndarray:
 
 
 def mask_to_model_space(mask_img: ImageSource, pre: PreprocessConfig) -> np.ndarray:
-    """Ground-truth mask -> bool (S, S), same geometry as the image, cut at half range."""
+    """Ground-truth mask -> bool (H, W), same geometry as the image, cut at half range."""
     levels = Image.fromarray(mask_levels(mask_img).astype(np.float32), "F")
+    if pre.image_height:
+        return np.asarray(levels.resize((pre.image_size, pre.image_height), Image.Resampling.BILINEAR)) > 0.5
     levels = levels.resize((pre.resize, pre.resize), Image.Resampling.BILINEAR)
     return np.asarray(levels.crop(_crop_box(pre))) > 0.5

@@ -71,17 +71,17 @@ class LatentCache:
 
 
 def augmented_view(image: torch.Tensor, cfg: TrainConfig, index: int, view: int) -> torch.Tensor:
-    """(3, S, S) -> view ``view`` of image ``index``: view 0 is the image itself, the
+    """(3, H, W) -> view ``view`` of image ``index``: view 0 is the image itself, the
     others shifted (and flipped where asked), drawn from a generator seeded by
     (seed, image, view) so that any view can be made again on its own."""
     if view == 0:
         return image
     generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + index) * 64 + view)
-    size, pad = image.shape[-1], cfg.max_shift
+    (height, width), pad = image.shape[-2:], cfg.max_shift
     out = image
     if pad:
         dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
-        out = F.pad(image[None], (pad, pad, pad, pad), mode="replicate")[0][:, dy : dy + size, dx : dx + size]
+        out = F.pad(image[None], (pad, pad, pad, pad), mode="replicate")[0][:, dy : dy + height, dx : dx + width]
     if cfg.hflip and torch.rand(1, generator=generator) < 0.5:
         out = out.flip(-1)
     if cfg.vflip and torch.rand(1, generator=generator) < 0.5:
@@ -93,7 +93,7 @@ def cache_key(paths: Sequence[Path], pre: PreprocessConfig, cfg: TrainConfig, au
     """Identifies a cache: same files, geometry, views and autoencoder -> same latents."""
     parts = {
         "files": [str(p) for p in paths],
-        "pre": [pre.image_size, pre.resize],
+        "pre": [pre.image_size, pre.resize, pre.image_height],
         "views": [cfg.augment_variants, cfg.max_shift, cfg.hflip, cfg.vflip, cfg.seed],
         "autoencoder": autoencoder_spec,
     }
@@ -126,11 +126,11 @@ def build_cache(
     if ram_limit_bytes is None:
         ram_limit_bytes = RAM_LIMIT_BYTES
     get = images if callable(images) else images.__getitem__
-    side = get(0).shape[-1] // autoencoder.downsample
+    height, width = (side // autoencoder.downsample for side in get(0).shape[-2:])
     # the posterior's mean and log-variance where there is one and training samples it
     posterior = cfg.posterior_samples and autoencoder.has_posterior
     channels = autoencoder.latent_channels * (2 if posterior else 1)
-    shape = (count, cfg.augment_variants, channels, side, side)
+    shape = (count, cfg.augment_variants, channels, height, width)
     on_disk = folder is not None and int(np.prod(shape)) * 2 > ram_limit_bytes
     if on_disk:
         folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from decodiff_cli.config import (
     ModelConfig,
     PreprocessConfig,
     TrainConfig,
+    parse_image_size,
 )
 
 
@@ -139,8 +140,11 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         if option in OPTION_FIELDS and value is not None:
             section, name = OPTION_FIELDS[option]
             sections.setdefault(section, {})[name] = value
-    if "image_size" in sections.get("preprocess", {}) and "resize" not in sections["preprocess"]:
-        sections["preprocess"]["resize"] = round(sections["preprocess"]["image_size"] * crop_ratio)
+    pre = sections.get("preprocess", {})
+    if "image_size" in pre:  # 256 or WxH (a CLI string, a config file's number or string)
+        pre["image_size"], pre["image_height"] = parse_image_size(pre["image_size"])
+        if "resize" not in pre:  # a square keeps the preset's crop; W x H is resized whole
+            pre["resize"] = pre["image_size"] if pre["image_height"] else round(pre["image_size"] * crop_ratio)
     if sections.get("denoiser", {}).get("size", cfg.denoiser.size) != cfg.denoiser.size:
         sections["denoiser"]["attention"] = []  # the preset's attention layout was for its own size
     for section, values in sections.items():
@@ -160,7 +164,7 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         cfg.anomaly_map.novelty = False
     cfg.anomaly_map.validate(before_fit=True)
     if preset == "paper" and options.get("patch_sizes") is None:  # the authors' sizes follow the input size
-        cfg.train.patch_sizes, cfg.train.patch_probs = paper_patch_sizes(cfg.preprocess.image_size)
+        cfg.train.patch_sizes, cfg.train.patch_probs = paper_patch_sizes(min(cfg.preprocess.shape))
     if cfg.train.lr_per_epoch and options.get("warmup_steps") is not None:
         raise ValueError("warmup_steps: this learning rate changes once per epoch; set its warm-up with warmup_epochs")
     sizes, probs = cfg.train.patch_sizes, cfg.train.patch_probs
