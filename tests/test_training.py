@@ -334,3 +334,12 @@ def test_two_processes_make_the_same_steps_and_one_bundle(baseline, images, tmp_
     detector = Detector.load(out, device="cpu")
     (prediction,) = list(detector.predict([str(_images(images)["good"][0])]))
     assert prediction.error is None and np.isfinite(prediction.score)
+
+
+def test_noised_elements_can_weigh_more_in_the_loss():
+    from decodiff_cli.training import element_weights
+
+    kept = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    assert torch.equal(element_weights(kept, 1.0), torch.ones_like(kept))  # the default: the plain mean
+    assert torch.equal(element_weights(kept, 4.0), torch.tensor([[[[1.0, 4.0], [4.0, 1.0]]]]))
+    assert build_config("cpu", {"noised_weight": 4.0}).train.noised_weight == 4.0

@@ -254,6 +254,9 @@ class TrainConfig:
     # patch stays clean with probability 1 - r (the same on average; what the cpu preset measured).
     exact_mask: bool = False
     shuffle_ratio_max: float = 0.3
+    # Loss weight of the noised elements against the clean ones (whose target is 0): above 1,
+    # the model is pushed harder to find deviations than to leave normal places alone.
+    noised_weight: float = 1.0
     # True: train on a fresh sample of the encoder's posterior each step, where the autoencoder
     # has one (KL-VAE; the authors'); False: on its mean, as at test time.
     posterior_samples: bool = False

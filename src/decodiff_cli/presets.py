@@ -82,6 +82,7 @@ OPTION_FIELDS = {
     "stop_step": ("train", "stop_step"),
     "views": ("train", "augment_variants"),
     "exact_mask": ("train", "exact_mask"),
+    "noised_weight": ("train", "noised_weight"),
     "posterior_samples": ("train", "posterior_samples"),
     "pixel_scale": ("anomaly_map", "pixel_scale"),
     "patch_sizes": ("train", "patch_sizes"),

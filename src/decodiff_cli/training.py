@@ -367,7 +367,8 @@ def _train_step(model, optimizer, accelerator, cfg: ModelConfig, cache: LatentCa
             chunk, chunk_weights = torch.zeros(1, dtype=torch.long), torch.zeros(1, device=device)
         with accelerator.accumulate(model):
             eps = model(noisy.z_t[chunk], t[chunk], class_ids[chunk] if class_ids is not None else None)
-            per_row = F.mse_loss(eps.float(), noisy.target[chunk].float(), reduction="none").flatten(1).mean(dim=1)
+            err = F.mse_loss(eps.float(), noisy.target[chunk].float(), reduction="none")
+            per_row = (err * element_weights(noisy.kept[chunk], tc.noised_weight)).flatten(1).mean(dim=1)
             # accelerate divides by the number of micro-batches; the weights already sum to the share
             accelerator.backward((per_row * chunk_weights).sum() * accelerator.gradient_accumulation_steps)
             if accelerator.sync_gradients:
@@ -377,6 +378,12 @@ def _train_step(model, optimizer, accelerator, cfg: ModelConfig, cache: LatentCa
         losses.append(per_row.detach()[chunk_weights > 0])
     mine = torch.cat(losses)
     return float(mine.mean()) if len(mine) else float("nan")
+
+
+def element_weights(kept: torch.Tensor, noised_weight: float) -> torch.Tensor:
+    """Loss weight per element: 1 where the latent was kept clean, ``noised_weight`` where
+    it was noised (TrainConfig.noised_weight)."""
+    return 1 + (noised_weight - 1) * (1 - kept.float())
 
 
 def epoch_rows(step: int, num_images: int, batch: int, steps_per_epoch: int, seed: int) -> torch.Tensor:
