@@ -101,7 +101,7 @@ class MapConfig:
     combine: str = "geometric"  # geometric | arithmetic | pixel | latent
     # The pixel term, |D(z0_hat) - D(z0)| in RGB. Off, a map with the feature term needs the
     # decoder only up to its last feature level, not its full-resolution layers (the cpu
-    # preset: a third of the scoring time, docs/results.md).
+    # preset: more than half of the scoring time, docs/results.md).
     pixel: bool = True
     pixel_clip: float = 0.4
     # The scale the pixel difference and its clip are taken on. "decoder": the decoder's own
