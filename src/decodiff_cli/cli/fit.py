@@ -19,6 +19,7 @@ from decodiff_cli.progress import FitProgress
 FIT_EPILOG = ("Examples:\n\n"
               "  decodiff fit ./normal --out model\n\n"
               "  decodiff fit mvtec/ --out unified --time-budget 30\n\n"
+              "  decodiff fit ./line_scans --out model --image-size 512x128   # 4:1 images, not squeezed\n\n"
               "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
               "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP)
 CALIBRATE_EPILOG = "Example:\n\n  decodiff calibrate model ./more_normal --anomalous ./labelled_defects\n\n" + EXIT_CODES_HELP

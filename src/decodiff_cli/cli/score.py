@@ -131,7 +131,7 @@ def localize(
     dtype: Dtype = DTYPE_OPT,
     steps: Optional[int] = STEPS_OPT,
 ) -> None:
-    """Anomaly heatmaps, overlays, corrected images and raw float TIFF maps, with an index.html gallery."""
+    """Anomaly heatmaps, overlays, the inputs beside their corrected images and raw float TIFF maps, with an index.html gallery."""
     from decodiff_cli import runs
     from decodiff_cli.gallery import write_gallery
 
