@@ -42,7 +42,7 @@ from decodiff_cli.autoencoders import load_autoencoder
 from decodiff_cli.benchmark import PROTOCOLS
 from decodiff_cli.datasets import discover
 from decodiff_cli.datasets import IMAGE_SUFFIXES
-from decodiff_cli.config import PreprocessConfig
+from decodiff_cli.config import PreprocessConfig, parse_image_size
 from decodiff_cli.images import load_image
 from decodiff_cli.latents import LatentScaler, fit_scaling
 
@@ -63,10 +63,10 @@ def encode(paths: list[Path], autoencoder, pre: PreprocessConfig, batch_size: in
     return torch.cat(out)
 
 
-def latent_maps(z: torch.Tensor, mean: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """(N, C, h, w) standardised latents -> (N, size, size) maps."""
+def latent_maps(z: torch.Tensor, mean: torch.Tensor, shape: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(N, C, h, w) standardised latents -> (N, H, W) maps."""
     diff = (z - mean).abs().mean(dim=1, keepdim=True)
-    up = F.interpolate(diff, size=(size, size), mode="bilinear", align_corners=False)
+    up = F.interpolate(diff, size=shape, mode="bilinear", align_corners=False)
     return gaussian_blur(up, sigma)[:, 0]
 
 
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", action="append", help="only these categories (repeatable)")
     parser.add_argument("--max-train", type=int, default=64,
                         help="encode at most this many training images, evenly spaced (0 = all; default 64)")
+    parser.add_argument("--image-size", default=None,
+                        help="WxH: resize each whole image to W x H instead (no crop; maps at WxH, for "
+                             "`decodiff benchmark --protocol native`)")
     parser.add_argument("--sigma", type=float, default=4.0, help="Gaussian blur of the 256x256 map, in pixels")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0,
@@ -103,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     resize, crop = PROTOCOLS[args.protocol]
     pre = PreprocessConfig(image_size=crop, resize=resize)
+    if args.image_size:
+        width, height = parse_image_size(args.image_size)
+        pre = PreprocessConfig(image_size=width, resize=width, image_height=height)
     autoencoder = load_autoencoder(args.autoencoder)
     print(f"autoencoder {args.autoencoder}: {autoencoder.latent_channels} channels, /{autoencoder.downsample}; "
-          f"protocol {args.protocol} (resize {resize}, crop {crop}); torch threads {torch.get_num_threads()}")
+          f"input {pre.describe()}; torch threads {torch.get_num_threads()}")
 
     for cat in categories:
         folder = cat.samples[0].image.parents[2]  # <category>/test/<defect>/<image>
@@ -123,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         z_train = scaler.normalize(raw)
         mean = z_train.mean(dim=0, keepdim=True)  # (1, C, h, w): the mean normal latent, per position
         # One global factor: the largest value of any training map (a normal image scores ~<= 1).
-        scale = float(latent_maps(z_train, mean, crop, args.sigma).max().clamp(min=1e-12))
+        scale = float(latent_maps(z_train, mean, pre.shape, args.sigma).max().clamp(min=1e-12))
 
         written, total, test_started = 0, len(cat.samples), time.perf_counter()
         for start in range(0, total, args.batch_size):
             chunk = cat.samples[start : start + args.batch_size]
             z = scaler.normalize(encode([s.image for s in chunk], autoencoder, pre, args.batch_size, None))
-            maps = (latent_maps(z, mean, crop, args.sigma) / scale).numpy().astype(np.float32)
+            maps = (latent_maps(z, mean, pre.shape, args.sigma) / scale).numpy().astype(np.float32)
             for sample, amap in zip(chunk, maps):
                 target = args.out / cat.name / "test" / sample.defect / f"{sample.image.stem}.tiff"
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cat.name}: wrote {written} maps to {args.out / cat.name} in {time.perf_counter() - started:.0f} s")
 
     names = " ".join(f"--category {c.name}" for c in categories) if args.category else ""
-    print(f"next: decodiff benchmark {args.dataset} --maps {args.out} --protocol {args.protocol} {names}".rstrip())
+    protocol = "native" if args.image_size else args.protocol
+    print(f"next: decodiff benchmark {args.dataset} --maps {args.out} --protocol {protocol} {names}".rstrip())
     return 0
 
 

@@ -467,3 +467,51 @@ def test_a_model_with_a_non_square_input(invoke, category_dir, non_square, tmp_p
     assert refused.exit_code == 2 and "needs a square" in refused.stderr
     refused = invoke("fit", category_dir, "--out", tmp_path / "x", *TINY_FIT, "--image-size", "96x40")
     assert refused.exit_code == 2 and "multiple of 32" in refused.stderr
+
+
+def test_fit_keeps_the_shape_of_elongated_images_by_default(invoke, tmp_path):
+    """The default `--image-size auto`: 4:1 line scans are seen at 512x128, not squeezed
+    into 256x256, and the bundle records the shape it chose."""
+    rng = np.random.default_rng(0)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(90, 110, (100, 400, 3), dtype=np.uint8)).save(scans / f"{i}.png")
+    out = tmp_path / "model"
+    result = invoke("fit", scans, "--out", out, "--autoencoder", "pixel", "--model-size", "tiny",
+                    "--batch-size", "2", "--max-steps", "2", "--views", "1")
+    assert result.exit_code == 0, result.output
+    assert "4.00:1 (median): the model sees 512x128" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["preprocess"]["image_size"], config["preprocess"]["image_height"]) == (512, 128)
+    assert config["preprocess"]["auto_shape"]
+    prediction = next(Detector.load(out).predict([scans / "0.png"]))
+    assert prediction.error is None and prediction.anomaly_map.shape == (100, 400)
+
+
+def test_a_tiled_model_scores_large_images_at_their_own_resolution(invoke, tmp_path):
+    """--tiles: the model sees 64x64 tiles cut from the images at their own size; a map
+    stitched from the tiles covers each image, whatever its size, and finds a small spot."""
+    rng = np.random.default_rng(0)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(100, 120, (96, 160, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    out = tmp_path / "model"
+    result = invoke("fit", normal, "--out", out, "--tiles", *TINY_FIT, "--max-steps", "2", "--views", "2")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["preprocess"]["tiles"] and config["anomaly_map"]["reference"] == "none"
+    assert "tiles of 64x64" in invoke("info", out).stdout
+    spot = rng.integers(100, 120, (120, 200, 3), dtype=np.uint8)  # a larger image than any in training
+    spot[50:56, 140:146] = 255
+    Image.fromarray(spot).save(tmp_path / "spot.png")
+    detector = Detector.load(out)
+    small, large = detector.predict([normal / "0.png", tmp_path / "spot.png"])
+    assert small.anomaly_map.shape == (96, 160) and large.anomaly_map.shape == (120, 200)
+    assert np.unravel_index(large.anomaly_map.argmax(), large.anomaly_map.shape) in \
+        {(y, x) for y in range(46, 60) for x in range(136, 150)}
+    review = tmp_path / "review"
+    assert invoke("localize", out, tmp_path / "spot.png", "--out", review).exit_code == 0
+    with Image.open(review / "spot_recon.png") as im:
+        assert im.size == (200, 120)

@@ -344,15 +344,46 @@ def test_image_size_parses_a_side_or_width_x_height():
         PreprocessConfig(image_size=64, resize=80, image_height=32)
 
 
-def test_fit_suggests_a_shape_for_elongated_images(tmp_path):
-    from decodiff_cli.fitting import shape_hint
+class Notes:
+    def __init__(self):
+        self.notes = []
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def test_auto_shape_keeps_an_elongated_class_s_ratio_at_about_the_same_pixels(tmp_path):
+    from decodiff_cli.config import auto_shape
+    from decodiff_cli.fitting import choose_shape, median_aspect
 
     paths = []
     for i, size in enumerate([(1600, 400), (1580, 400), (1620, 410)]):
         paths.append(tmp_path / f"scan{i}.png")
         Image.new("RGB", size).save(paths[-1])
-    square = PreprocessConfig(image_size=256, resize=256)
-    assert "--image-size 512x128" in shape_hint(paths, square)
-    assert shape_hint(paths, PreprocessConfig(image_size=512, resize=512, image_height=128)) is None
-    Image.new("RGB", (300, 260)).save(tmp_path / "part.png")
-    assert shape_hint([tmp_path / "part.png"], square) is None  # near square: no hint
+    assert median_aspect(paths) == pytest.approx(1620 / 410)
+    assert auto_shape(4.0, 256) == (512, 128) and auto_shape(0.25, 256) == (128, 512)
+    assert auto_shape(1.4, 256) == (256, 0) and auto_shape(1 / 1.4, 256) == (256, 0)  # near square: a square
+    assert auto_shape(2.34, 256, step=32) == (384, 160) and auto_shape(2.0, 256, step=64) == (384, 192)
+    auto, report = PreprocessConfig(auto_shape=True), Notes()
+    chosen = choose_shape({"scans": 4.0}, auto, 32, report)
+    assert (chosen.shape, chosen.resize, chosen.auto_shape) == ((128, 512), 512, True)
+    assert "512x128" in report.notes[0] and "--image-size 256 keeps a square" in report.notes[0]
+    assert choose_shape({"parts": 1.2}, auto, 32, Notes()) == auto
+    # a square the user chose stays, with a hint; a WxH the user chose stays, silently
+    square, report = PreprocessConfig(image_size=256, resize=256), Notes()
+    assert choose_shape({"scans": 4.0}, square, 32, report) == square
+    assert "--image-size 512x128" in report.notes[0]
+    given, report = PreprocessConfig(image_size=512, resize=512, image_height=128, auto_shape=True), Notes()
+    assert choose_shape({"scans": 0.5}, given, 32, report) == given and not report.notes
+
+
+def test_image_size_auto_is_the_cpu_default_and_a_given_size_or_a_crop_turn_it_off():
+    from decodiff_cli.presets import build_config
+
+    assert build_config("cpu", {}).preprocess.auto_shape
+    assert build_config("cpu", {"image_size": "auto"}).preprocess.auto_shape
+    assert not build_config("cpu", {"image_size": "256"}).preprocess.auto_shape
+    assert not build_config("cpu", {"image_size": "512x128"}).preprocess.auto_shape
+    assert not build_config("cpu", {"resize": 288}).preprocess.auto_shape  # a centre crop is square
+    assert not build_config("paper", {}).preprocess.auto_shape
+    assert build_config("paper", {"image_size": "auto", "resize": 256}).preprocess.auto_shape

@@ -26,8 +26,17 @@ class PreprocessConfig:
     # whole image is resized to image_size x image_height, with no crop, so that elongated
     # images (line scans, webs) are not squeezed along their long side.
     image_height: int = 0
+    # `--image-size auto` (the cpu preset): `fit` looks at the training images and, when
+    # their median aspect ratio is beyond AUTO_SQUARE_WITHIN, sets image_size x image_height
+    # to that ratio at about image_size**2 pixels; the bundle keeps the shape it chose.
+    auto_shape: bool = False
+    # `--tiles`: the input is a tile of image_size x image_height cut from the image at its
+    # own resolution (tiles.py), for large images and small defects; no resize, no crop.
+    tiles: bool = False
 
     def __post_init__(self) -> None:
+        if self.tiles and self.resize != self.image_size:
+            raise ValueError("--tiles cuts the image at its own resolution: it takes no --resize (a crop)")
         if self.image_height:
             if min(self.image_size, self.image_height) < 8:
                 raise ValueError(f"image size {self.image_size}x{self.image_height}: both sides must be >= 8")
@@ -44,13 +53,30 @@ class PreprocessConfig:
         return (self.image_height or self.image_size, self.image_size)
 
     def describe(self) -> str:
+        if self.tiles:
+            height, width = self.shape
+            return f"tiles of {width}x{height} at the image's own resolution, a quarter overlapping"
         if self.image_height:
             return f"resize to {self.image_size}x{self.image_height}, no crop"
         return f"resize {self.resize}, crop {self.image_size}"
 
 
+AUTO_SQUARE_WITHIN = 1.5  # `auto` keeps a square up to 3:2 either way: a milder squeeze measured no worse
+
+
+def auto_shape(aspect: float, side: int, step: int = 32) -> tuple[int, int]:
+    """(width, height; 0 for a square) for images of this width/height ratio at about
+    side x side pixels, in multiples of `step` (TAEF2's 8 x the denoiser's 4)."""
+    if 1 / AUTO_SQUARE_WITHIN <= aspect <= AUTO_SQUARE_WITHIN:
+        return side, 0
+    width = max(step, round(side * aspect ** 0.5 / step) * step)
+    height = max(step, round(side * side / width / step) * step)
+    return (width, 0) if width == height else (width, height)
+
+
 def parse_image_size(value: int | str) -> tuple[int, int]:
-    """``--image-size``: 256 (a square) or WxH -> (width, height; 0 for a square)."""
+    """``--image-size``: 256 (a square) or WxH -> (width, height; 0 for a square).
+    (``auto`` is read by the caller: it is a choice, not a shape.)"""
     text = str(value).strip().lower()
     try:
         if "x" in text:
@@ -58,7 +84,7 @@ def parse_image_size(value: int | str) -> tuple[int, int]:
             return (width, 0) if width == height else (width, height)
         return int(text), 0
     except ValueError:
-        raise ValueError(f"--image-size must be a number or WxH (e.g. 512x128), not {value!r}") from None
+        raise ValueError(f"--image-size must be auto, a number or WxH (e.g. 512x128), not {value!r}") from None
 
 
 @dataclass

@@ -122,6 +122,17 @@ class Detector:
         return Inference(maps=merged("maps"), scores=merged("scores"), corrected=merged("corrected"),
                          timings=timings, categories=guesses)
 
+    def infer_image(self, tensor: torch.Tensor, category: str | None, options: InferenceOptions | None = None) -> Inference:
+        """One preprocessed image (``load_image(...).tensor``) -> its Inference (N = 1): the
+        tensor itself, or with a tiled bundle its tiles, stitched (tiles.py)."""
+        pre = self.bundle.config.preprocess
+        if not pre.tiles:
+            return self.infer(tensor[None], category, options)
+        from decodiff_cli.tiles import infer_frame
+
+        return infer_frame(lambda tiles: self.infer(tiles, category, options), tensor, pre,
+                           self.bundle.config.anomaly_map.score_top_fraction, self.batch_size)
+
     def guess_categories(self, z0: torch.Tensor, tensors: torch.Tensor, steps: int | None = None) -> list[str]:
         """Nearest class centroid of the pooled latent (stored at fit time). Why not "the
         class under which the image looks most normal": an anomalous image is, by
@@ -178,6 +189,12 @@ class Detector:
         for index, (path, image) in enumerate(good):
             groups.setdefault(category or self.category_from_path(path), []).append(index)
         for name, members in groups.items():
+            if pre.tiles:  # an image is a batch of its own tiles
+                for i in members:
+                    out = self.infer_image(good[i][1].tensor, name, options)
+                    results[i] = self._prediction(*good[i], out, 0, out.categories[0], threshold, pixel_threshold)
+                    results[i].timings = out.timings
+                continue
             tensors = torch.stack([good[i][1].tensor for i in members])
             out = self.infer(tensors, name, options)
             chosen = out.categories

@@ -31,7 +31,7 @@ class BundlePredictor:
         self.steps = steps
         self.infer_class = infer_class
         pre = detector.bundle.config.preprocess
-        self.same_geometry = not pre.image_height and PROTOCOLS.get(protocol) == (pre.resize, pre.image_size)
+        self.same_geometry = not (pre.image_height or pre.tiles) and PROTOCOLS.get(protocol) == (pre.resize, pre.image_size)
         self.timed_images = 0
         self.timed_seconds = 0.0
         self.stage_seconds: dict[str, float] = {}
@@ -53,17 +53,22 @@ class BundlePredictor:
         size = self.detector.batch_size
         for start in range(0, len(paths), size):
             images = [load_image(p, pre) for p in paths[start : start + size]]
-            began = time.perf_counter()
-            out = self.detector.infer(torch.stack([im.tensor for im in images]), model_category,
-                                      InferenceOptions(steps=self.steps))
+            began, options = time.perf_counter(), InferenceOptions(steps=self.steps)
+            if pre.tiles:  # one image at a time, each a batch of its own tiles
+                outs = [self.detector.infer_image(im.tensor, model_category, options) for im in images]
+            else:
+                outs = [self.detector.infer(torch.stack([im.tensor for im in images]), model_category, options)]
             elapsed = time.perf_counter() - began
             if self.warm:  # the first batch pays for allocation and kernel selection
                 self.timed_images += len(images)
                 self.timed_seconds += elapsed
-                for key, value in out.timings.items():
-                    self.stage_seconds[key] = self.stage_seconds.get(key, 0.0) + value
+                for out in outs:
+                    for key, value in out.timings.items():
+                        self.stage_seconds[key] = self.stage_seconds.get(key, 0.0) + value
             self.warm = True
-            for image, amap, score in zip(images, out.maps.numpy(), out.scores.tolist()):
+            maps = [m for out in outs for m in out.maps.numpy()]
+            scores = [v for out in outs for v in out.scores.tolist()]
+            for image, amap, score in zip(images, maps, scores):
                 if self.protocol == NATIVE:
                     amap = map_to_original(amap, image.original_size, pre)
                 elif not self.same_geometry:

@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from decodiff_cli.anomaly_map import alignment, feature_scales, identity_referen
 from decodiff_cli.autoencoders import describe, load_autoencoder
 from decodiff_cli.bundle import write_bundle
 from decodiff_cli.calibration import labelled_thresholds, make_calibration, normal_thresholds, subsample_pixels
-from decodiff_cli.config import FitStatistics, LatentScaling, ModelConfig, TrainConfig
+from decodiff_cli.config import FitStatistics, LatentScaling, ModelConfig, PreprocessConfig, TrainConfig, auto_shape
 from decodiff_cli.datasets import find_mask
 from decodiff_cli.denoiser import LATENT_MULTIPLE
 from decodiff_cli.images import ImageReadError, image_size, load_image, read_image
@@ -111,12 +111,15 @@ def after_training_seconds(cfg: ModelConfig, autoencoder, device, holdout: dict[
     denoiser = Denoiser(timing.denoiser)
     model = DecoDiffModel(timing, autoencoder, denoiser, device, normal_latents=banks)
     items = [(categories.index(name), path) for name, paths in sorted(holdout.items()) for path in paths]
-    ids = torch.tensor([index for index, _ in items[:5]])
-    images = torch.stack([load_image(path, cfg.preprocess).tensor for _, path in items[:5]])
-    model.infer(images[:1], ids[:1])  # the first call pays one-time costs (allocation, kernels)
+    ids = [index for index, _ in items[:5]]
+    images = [load_image(path, cfg.preprocess).tensor for _, path in items[:5]]
+    infer_images(model, images[:1], ids[0])  # the first call pays one-time costs (allocation, kernels)
     clock = time.monotonic()
-    if len(images) > 1:
-        model.infer(images[1:], ids[1:])
+    if len(images) > 1 and cfg.preprocess.tiles:
+        for image, index in zip(images[1:], ids[1:]):
+            infer_images(model, [image], index)
+    elif len(images) > 1:
+        model.infer(torch.stack(images[1:]), torch.tensor(ids[1:]))
     per_image = (time.monotonic() - clock) / max(1, len(images) - 1) if len(images) > 1 else time.monotonic() - clock
     seconds = per_image * (sum(map(len, holdout.values())) + anomalous)
 
@@ -238,28 +241,38 @@ def record_training(train_cfg: TrainConfig, result, views: int) -> TrainConfig:
     return record
 
 
-def shape_hint(paths: list, pre, sample: int = 32) -> str | None:
-    """For a square model input: a suggested ``--image-size WxH`` when the images are
-    elongated (median aspect ratio beyond 3:2), at about the same pixel count."""
-    if pre.image_height:
-        return None
+def median_aspect(paths: list, sample: int = 32) -> float | None:
+    """The median width / height of up to `sample` evenly spaced images (headers only)."""
     ratios = []
     for path in paths[:: max(1, len(paths) // sample)]:
         try:
-            width, height = image_size(path)  # the header only
+            width, height = image_size(path)
         except Exception:  # not a file, or unreadable: the ratio is a hint, not a rule
             continue
         ratios.append(width / height)
-    if not ratios:
-        return None
-    aspect = float(np.median(ratios))
-    if 2 / 3 <= aspect <= 3 / 2:
-        return None
-    multiple = 32  # the autoencoder's 8 x the denoiser's 4
-    width = max(multiple, round(pre.image_size * aspect ** 0.5 / multiple) * multiple)
-    height = max(multiple, round(pre.image_size ** 2 / width / multiple) * multiple)
-    return (f"the images are {aspect:.2f}:1 (median) and will be squeezed into {pre.image_size}x{pre.image_size}; "
-            f"--image-size {width}x{height} keeps their shape at about the same pixel count")
+    return float(np.median(ratios)) if ratios else None
+
+
+def choose_shape(aspects: dict[str, float | None], pre: PreprocessConfig, multiple: int, report) -> PreprocessConfig:
+    """`--image-size auto`: the input shape for the classes' median aspect ratios; with a
+    fixed square, a hint where the images are elongated."""
+    known = [a for a in aspects.values() if a is not None]
+    if pre.image_height or not known:
+        return pre
+    if pre.auto_shape:
+        aspect = float(np.median(known))
+        width, height = auto_shape(aspect, pre.image_size, multiple)
+        if height:
+            report.note(f"the images are {aspect:.2f}:1 (median): the model sees {width}x{height}, about the "
+                        f"same pixels as {pre.image_size}x{pre.image_size} (--image-size {pre.image_size} keeps a square)")
+            return replace(pre, image_size=width, resize=width, image_height=height)
+        return pre
+    for name, aspect in aspects.items():
+        width, height = auto_shape(aspect, pre.image_size, multiple) if aspect is not None else (0, 0)
+        if height:
+            report.note(f"class {name!r}: the images are {aspect:.2f}:1 (median) and will be squeezed into "
+                        f"{pre.image_size}x{pre.image_size}; --image-size {width}x{height} (or auto) keeps their shape")
+    return pre
 
 
 def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -335,7 +348,7 @@ def fit(
 
     # 1. images: readable ones, split into training and held-out sets per category
     categories = sorted(images)
-    train_paths, labels, holdout, skipped = [], [], {}, []
+    train_paths, labels, holdout, skipped, aspects = [], [], {}, [], {}
 
     def skip(path: str, reason: str) -> None:
         if strict:
@@ -352,9 +365,8 @@ def fit(
         train_part, holdout[name] = split_holdout(usable, cfg.train.holdout_fraction, cfg.train.min_holdout, cfg.train.seed)
         train_paths += train_part
         labels += [index] * len(train_part)
-        hint = shape_hint(usable, cfg.preprocess)
-        if hint:
-            report.note(f"class {name!r}: {hint}")
+        aspects[name] = median_aspect(usable)
+    cfg.preprocess = choose_shape(aspects, cfg.preprocess, autoencoder.downsample * LATENT_MULTIPLE, report)
     report.images(train=len(train_paths), holdout=sum(map(len, holdout.values())), categories=categories, skipped=skipped)
 
     # 2. the frozen autoencoder (loaded above), and every training view encoded once
@@ -390,7 +402,7 @@ def fit(
                 cache = build_cache(encoded, len(train_paths), autoencoder, cfg.train, accelerator.device,
                                     folder=work / "cache", key=key,
                                     time_limit_s=encoding_limit(cfg.train.time_budget_minutes),
-                                    progress=report.encoding)
+                                    progress=report.encoding, tile=cfg.preprocess.shape if cfg.preprocess.tiles else None)
             break
         except _LostImage as lost:
             skip(str(train_paths[lost.index]), str(lost.error))
@@ -402,7 +414,8 @@ def fit(
     cfg.latent_scaling = measure_scaling(cache, cfg.latent_scaling)
     cfg.measured = measure_latents(cache, labels, categories, cfg)
     if cfg.anomaly_map.reference == "auto":
-        aligned = [name for name in categories if cfg.has_own_reference(name)]
+        # random tiles have no common positions to keep a reference for
+        aligned = [name for name in categories if cfg.has_own_reference(name) and not cfg.preprocess.tiles]
         cfg.anomaly_map.reference = "position" if aligned else "none"
         report.alignment(cfg.measured.alignment, aligned)
 
@@ -526,6 +539,18 @@ def load_anomalous(paths: list[Path], cfg: ModelConfig, categories: list[str],
     return result
 
 
+def infer_images(model, images: list[torch.Tensor], class_id: int) -> list:
+    """Inferences of preprocessed images of one class: one batch, or with tiles one
+    stitched image at a time (tiles.py)."""
+    ids = lambda n: torch.full((n,), class_id)  # noqa: E731
+    if not model.cfg.preprocess.tiles:
+        return [model.infer(torch.stack(images), ids(len(images)))]
+    from decodiff_cli.tiles import infer_frame
+
+    return [infer_frame(lambda tiles: model.infer(tiles, ids(len(tiles))), image, model.cfg.preprocess,
+                        model.cfg.anomaly_map.score_top_fraction) for image in images]
+
+
 def calibrate_model(model, holdout: dict[str, list[Path | torch.Tensor]],
                     anomalous: dict[str, list[tuple[torch.Tensor, np.ndarray | None]]] | None = None,
                     skip: Skip | None = None) -> dict[str, Any]:
@@ -552,10 +577,9 @@ def calibrate_model(model, holdout: dict[str, list[Path | torch.Tensor]],
             loaded = readable(items[start : start + 8])
             if not loaded:
                 continue
-            chunk = torch.stack(loaded)
-            out = model.infer(chunk, torch.full((len(chunk),), categories.index(name)))
-            scores.append(out.scores.numpy())
-            maps += list(out.maps.numpy())
+            for out in infer_images(model, loaded, categories.index(name)):
+                scores.append(out.scores.numpy())
+                maps += list(out.maps.numpy())
         if not scores:
             raise ValueError(f"class {name!r}: none of its normal images for calibration could be read")
         return np.concatenate(scores), maps

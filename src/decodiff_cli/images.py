@@ -327,7 +327,12 @@ def image_to_tensor(img: Image.Image, pre: PreprocessConfig) -> torch.Tensor:
     if img.mode != "RGB":
         img = _to_rgb(img, "(PIL image)")
     # Pillow's resize is antialiased when shrinking (the filter support widens).
-    if pre.image_height:
+    if pre.tiles:  # the frame tiles are cut from: the image itself, enlarged only below a tile
+        from decodiff_cli.tiles import frame_size
+
+        size = frame_size(*img.size, pre)
+        img = img if size == img.size else img.resize(size, Image.Resampling.BICUBIC)
+    elif pre.image_height:
         img = img.resize((pre.image_size, pre.image_height), Image.Resampling.BICUBIC)
     else:
         img = img.resize((pre.resize, pre.resize), Image.Resampling.BICUBIC).crop(_crop_box(pre))
@@ -349,9 +354,11 @@ def map_to_original(
     was seen there), then is resized bilinearly to the original W x H.
     """
     m = np.asarray(map_, dtype=np.float32)
-    if m.shape != pre.shape:
+    if pre.tiles:  # a stitched map over the frame (tiles.py): the whole image
+        frame = m
+    elif m.shape != pre.shape:
         raise ValueError(f"map shape {m.shape} is not {pre.shape}")
-    if pre.image_height:  # no crop: the map covers the whole image
+    elif pre.image_height:  # no crop: the map covers the whole image
         frame = m
     else:
         frame = np.zeros((pre.resize, pre.resize), dtype=np.float32)
@@ -392,6 +399,10 @@ def mask_levels(source: ImageSource) -> np.ndarray:
 def mask_to_model_space(mask_img: ImageSource, pre: PreprocessConfig) -> np.ndarray:
     """Ground-truth mask -> bool (H, W), same geometry as the image, cut at half range."""
     levels = Image.fromarray(mask_levels(mask_img).astype(np.float32), "F")
+    if pre.tiles:
+        from decodiff_cli.tiles import frame_size
+
+        return np.asarray(levels.resize(frame_size(*levels.size, pre), Image.Resampling.BILINEAR)) > 0.5
     if pre.image_height:
         return np.asarray(levels.resize((pre.image_size, pre.image_height), Image.Resampling.BILINEAR)) > 0.5
     levels = levels.resize((pre.resize, pre.resize), Image.Resampling.BILINEAR)

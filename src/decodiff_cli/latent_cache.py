@@ -70,13 +70,19 @@ class LatentCache:
         return self.latents[images, views].float()
 
 
-def augmented_view(image: torch.Tensor, cfg: TrainConfig, index: int, view: int) -> torch.Tensor:
+def augmented_view(image: torch.Tensor, cfg: TrainConfig, index: int, view: int,
+                   tile: tuple[int, int] | None = None) -> torch.Tensor:
     """(3, H, W) -> view ``view`` of image ``index``: view 0 is the image itself, the
     others shifted (and flipped where asked), drawn from a generator seeded by
-    (seed, image, view) so that any view can be made again on its own."""
+    (seed, image, view) so that any view can be made again on its own. With ``tile``
+    (h, w), every view is first a tile at a random place of the image (tiles.py)."""
+    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + index) * 64 + view)
+    if tile is not None:
+        top, left = (int(torch.randint(0, side - want + 1, (1,), generator=generator))
+                     for side, want in zip(image.shape[-2:], tile))
+        image = image[:, top : top + tile[0], left : left + tile[1]]
     if view == 0:
         return image
-    generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + index) * 64 + view)
     (height, width), pad = image.shape[-2:], cfg.max_shift
     out = image
     if pad:
@@ -93,7 +99,7 @@ def cache_key(paths: Sequence[Path], pre: PreprocessConfig, cfg: TrainConfig, au
     """Identifies a cache: same files, geometry, views and autoencoder -> same latents."""
     parts = {
         "files": [str(p) for p in paths],
-        "pre": [pre.image_size, pre.resize, pre.image_height],
+        "pre": [pre.image_size, pre.resize, pre.image_height] + (["tiles"] if pre.tiles else []),
         "views": [cfg.augment_variants, cfg.max_shift, cfg.hflip, cfg.vflip, cfg.seed],
         "autoencoder": autoencoder_spec,
     }
@@ -114,6 +120,7 @@ def build_cache(
     ram_limit_bytes: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     time_limit_s: float | None = None,
+    tile: tuple[int, int] | None = None,
 ) -> LatentCache:
     """Encode ``count`` images (a list, or a function index -> (3, S, S) tensor).
 
@@ -122,11 +129,12 @@ def build_cache(
     limit: a short time budget is then spent training, not encoding (at least view 0).
     ``ram_limit_bytes`` defaults to the module's RAM_LIMIT_BYTES, read at call time (not
     bound when this function is defined) so that setting it reaches callers like fit().
+    ``tile`` (h, w): every view is a tile at a random place of its image (images of any size).
     """
     if ram_limit_bytes is None:
         ram_limit_bytes = RAM_LIMIT_BYTES
     get = images if callable(images) else images.__getitem__
-    height, width = (side // autoencoder.downsample for side in get(0).shape[-2:])
+    height, width = (side // autoencoder.downsample for side in (tile or get(0).shape[-2:]))
     # the posterior's mean and log-variance where there is one and training samples it
     posterior = cfg.posterior_samples and autoencoder.has_posterior
     channels = autoencoder.latent_channels * (2 if posterior else 1)
@@ -147,7 +155,7 @@ def build_cache(
     began, views_done = time.monotonic(), 0
     for view in range(cfg.augment_variants):
         for index in range(count):
-            image = augmented_view(get(index), cfg, index, view).to(device)
+            image = augmented_view(get(index), cfg, index, view, tile).to(device)
             pixels = image[None].contiguous(memory_format=layout)
             latent = torch.cat(autoencoder.encode_posterior(pixels), dim=1)[0] if posterior else autoencoder.encode(pixels)[0]
             latent = latent.float().cpu().contiguous().to(torch.float16)

@@ -23,6 +23,8 @@ def _cpu() -> ModelConfig:
     """Defaults for a laptop-class CPU: a 16M-parameter UNet, EMA, a higher lr. Self-attention
     at the finest (32x32) level costs 40% of a CPU training step; the coarser levels keep it."""
     return ModelConfig(
+        # Elongated images keep their shape (`--image-size auto`): docs/results.md, "Image shape".
+        preprocess=PreprocessConfig(auto_shape=True),
         denoiser=DenoiserConfig(size="xs", attention=[False, True, True]),
         # The arithmetic mean, the "auto" reference, the feature and novelty terms (weighed
         # 2:1) and the top-1% score each measured better with small autoencoders on the
@@ -67,6 +69,7 @@ OPTION_FIELDS = {
     "model_size": ("denoiser", "size"),
     "image_size": ("preprocess", "image_size"),
     "resize": ("preprocess", "resize"),
+    "tiles": ("preprocess", "tiles"),
     "batch_size": ("train", "batch_size"),
     "lr": ("train", "lr"),
     "epochs": ("train", "epochs"),
@@ -142,10 +145,19 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
             section, name = OPTION_FIELDS[option]
             sections.setdefault(section, {})[name] = value
     pre = sections.get("preprocess", {})
-    if "image_size" in pre:  # 256 or WxH (a CLI string, a config file's number or string)
+    if str(pre.get("image_size", "")).strip().lower() == "auto":
+        pre["image_size"], pre["auto_shape"] = cfg.preprocess.image_size, True
+    elif "image_size" in pre:  # 256 or WxH (a CLI string, a config file's number or string)
         pre["image_size"], pre["image_height"] = parse_image_size(pre["image_size"])
+        pre["auto_shape"] = False  # a shape the user gave is the shape
         if "resize" not in pre:  # a square keeps the preset's crop; W x H is resized whole
             pre["resize"] = pre["image_size"] if pre["image_height"] else round(pre["image_size"] * crop_ratio)
+    if pre.get("resize", cfg.preprocess.resize) > pre.get("image_size", cfg.preprocess.image_size):
+        pre["auto_shape"] = False  # a centre crop is square
+    if pre.get("tiles"):
+        pre["auto_shape"] = False  # a tile's shape is the user's (or the square default)
+        if "resize" not in pre:
+            pre["resize"] = pre.get("image_size", cfg.preprocess.image_size)
     if sections.get("denoiser", {}).get("size", cfg.denoiser.size) != cfg.denoiser.size:
         sections["denoiser"]["attention"] = []  # the preset's attention layout was for its own size
     for section, values in sections.items():

@@ -19,7 +19,8 @@ from decodiff_cli.progress import FitProgress
 FIT_EPILOG = ("Examples:\n\n"
               "  decodiff fit ./normal --out model\n\n"
               "  decodiff fit mvtec/ --out unified --time-budget 30\n\n"
-              "  decodiff fit ./line_scans --out model --image-size 512x128   # 4:1 images, not squeezed\n\n"
+              "  decodiff fit ./line_scans --out model --image-size 1024x256   # 4:1 images at 4x the default pixels\n\n"
+              "  decodiff fit ./wafers --out model --tiles   # 256x256 tiles at the images' own resolution\n\n"
               "  accelerate launch --num_processes 8 -m decodiff_cli fit data/ --out model --preset paper\n\n"
               "Ctrl-C saves a resumable checkpoint in OUT.work/; continue with --resume.\n\n" + EXIT_CODES_HELP)
 CALIBRATE_EPILOG = "Example:\n\n  decodiff calibrate model ./more_normal --anomalous ./labelled_defects\n\n" + EXIT_CODES_HELP
@@ -35,7 +36,8 @@ def fit(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML (or YAML) file whose keys are these options; command-line values win."),
     autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="taef2 (packaged, the default; paper preset: stabilityai/sd-vae-ft-ema), pixel (no weights), a hub id, a diffusers folder, a TAESD-family folder (*_encoder.pth/*_decoder.pth) or .safetensors file."),
     model_size: Optional[str] = typer.Option(None, "--model-size", help="Denoiser size: tiny, xs (default), s, m, l, xl."),
-    image_size: Optional[str] = typer.Option(None, "--image-size", help="Side of the square the model sees (default 256), or WxH: elongated images resized to W x H, no crop (e.g. 512x128 for 4:1 line scans)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="auto (default): a 256x256 square, or for images elongated beyond 3:2 their own ratio at about the same pixels (1600x400 -> 512x128); a number: that square; WxH: resized whole to W x H, no crop."),
+    tiles: Optional[bool] = typer.Option(None, "--tiles/--no-tiles", help="Cut each image at its own resolution into tiles of --image-size, a quarter overlapping, and stitch their maps: for large images and small defects (an image costs as much as its tiles)."),
     resize: Optional[int] = typer.Option(None, "--resize", help="Resize to this side first; larger than --image-size means a centre crop (paper: 288)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (split over processes)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up + cosine)."),
