@@ -257,7 +257,7 @@ def choose_shape(aspects: dict[str, float | None], pre: PreprocessConfig, multip
     """`--image-size auto`: the input shape for the classes' median aspect ratios; with a
     fixed square, a hint where the images are elongated."""
     known = [a for a in aspects.values() if a is not None]
-    if pre.image_height or not known:
+    if pre.image_height or pre.tiles or not known:  # a shape the user gave, or tiles: nothing is squeezed
         return pre
     if pre.auto_shape:
         aspect = float(np.median(known))
