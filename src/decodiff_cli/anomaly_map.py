@@ -127,21 +127,10 @@ def feature_discrepancy(levels: list[torch.Tensor], scales: torch.Tensor, clip: 
     return torch.stack(terms).mean(dim=0)
 
 
-def soft_clip(x: torch.Tensor, clip: float, headroom: float = 0.0) -> torch.Tensor:
-    """x / clip in [0, 1]. With ``headroom`` h > 0 the values below the clip are scaled by
-    1 - h and those above it rise towards 1 (1 - h e^-(x/clip - 1)) instead of all being 1:
-    a strong, small deviation then still stands above the merely unusual ones."""
-    u = x.clamp(min=0) / clip
-    if headroom <= 0:
-        return u.clamp(max=1)
-    return torch.where(u <= 1, u * (1 - headroom), 1 - headroom * torch.exp(1 - u))
-
-
-def novelty_discrepancy(distances: torch.Tensor, clip: float, sigma: float, size: tuple[int, int],
-                        headroom: float = 0.0) -> torch.Tensor:
+def novelty_discrepancy(distances: torch.Tensor, clip: float, sigma: float, size: tuple[int, int]) -> torch.Tensor:
     """(N, 1, h, w) nearest-normal distances in units of their normal scale -> (N, 1, H, W)
-    in [0, 1]: clipped (soft_clip), blurred like the latent term, upsampled to image size."""
-    term = gaussian_blur(soft_clip(distances, clip, headroom), sigma)
+    in [0, 1]: clipped, blurred like the latent term, upsampled to image size."""
+    term = gaussian_blur(distances.clamp(0, clip) / clip, sigma)
     return F.interpolate(term, size=size, mode="bilinear", align_corners=False)
 
 
@@ -193,7 +182,7 @@ def _feature_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
 def _novelty_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
     if x.novelty is None:
         raise ValueError("the map's novelty term needs the nearest-normal distances and the normal latents from fit time")
-    return novelty_discrepancy(x.novelty, cfg.novelty_clip, cfg.latent_sigma, x.size, cfg.novelty_headroom)
+    return novelty_discrepancy(x.novelty, cfg.novelty_clip, cfg.latent_sigma, x.size)
 
 
 # The correction map's terms (MapConfig.correction_terms says which are in use): a new term

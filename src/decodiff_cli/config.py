@@ -167,7 +167,6 @@ class MapConfig:
     # stored in the bundle (normal_latents.safetensors).
     novelty: bool = False
     novelty_clip: float = 2.0  # in units of the normal 99th percentile
-    novelty_headroom: float = 0.0  # anomaly_map.soft_clip: the share of the term left for values above the clip
     # The novelty term's share of the final map (the correction map has the rest).
     novelty_weight: float = 0.5
     # Normal latent vectors kept per class, chosen to cover the training images
