@@ -196,15 +196,7 @@ def anomaly_maps(inputs: MapInputs, cfg: MapConfig) -> torch.Tensor:
     cfg.validate()
     maps = combine([TERMS[name](inputs, cfg) for name in cfg.correction_terms()], cfg.combine)
     if cfg.novelty:
-        import os  # ablation (issue 20): how the two maps are mixed
-        mix = os.environ.get("DECODIFF_MIX", "sum")
-        if mix == "max":
-            maps = torch.maximum(maps, _novelty_term(inputs, cfg))
-        elif mix == "maxw":
-            w = cfg.novelty_weight
-            maps = torch.maximum((1 - w) * maps, w * _novelty_term(inputs, cfg)) / max(w, 1 - w)
-        else:
-            maps = (1 - cfg.novelty_weight) * maps + cfg.novelty_weight * _novelty_term(inputs, cfg)
+        maps = (1 - cfg.novelty_weight) * maps + cfg.novelty_weight * _novelty_term(inputs, cfg)
     return maps[:, 0].clamp(0, 1)
 
 
