@@ -23,7 +23,7 @@ def _cpu() -> ModelConfig:
     """Defaults for a laptop-class CPU: a 16M-parameter UNet, EMA, a higher lr. Self-attention
     at the finest (32x32) level costs 40% of a CPU training step; the coarser levels keep it."""
     return ModelConfig(
-        # Elongated images keep their shape (`--image-size auto`): docs/results.md, "Image shape".
+        # Elongated images keep their shape (`--image-size auto`): docs/results.md, "Image shape and tiles".
         preprocess=PreprocessConfig(auto_shape=True),
         denoiser=DenoiserConfig(size="xs", attention=[False, True, True]),
         # The arithmetic mean, the "auto" reference, the feature and novelty terms (weighed
