@@ -86,6 +86,8 @@ OPTION_FIELDS = {
     "views": ("train", "augment_variants"),
     "exact_mask": ("train", "exact_mask"),
     "noised_weight": ("train", "noised_weight"),
+    "mask_ratio_max": ("train", "mask_ratio_max"),
+    "shuffle_ratio_max": ("train", "shuffle_ratio_max"),
     "posterior_samples": ("train", "posterior_samples"),
     "pixel_scale": ("anomaly_map", "pixel_scale"),
     "patch_sizes": ("train", "patch_sizes"),
