@@ -15,6 +15,7 @@ tiles: 25).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -81,7 +82,8 @@ def stitch(tiles: torch.Tensor, boxes: list[Box], size: tuple[int, int]) -> torc
 def infer_frame(infer: Callable[[torch.Tensor], Inference], frame: torch.Tensor, pre: PreprocessConfig,
                 score_top: float, batch_size: int = 8) -> Inference:
     """One frame's Inference (N = 1) from ``infer`` run on its tiles, ``batch_size`` at a
-    time. Where ``infer`` chose the class per tile, the image gets the most frequent one."""
+    time. Where ``infer`` chose the class per tile, the image gets the most frequent one (the
+    first on a tie)."""
     tiles, boxes = cut(frame, pre)
     parts = [infer(tiles[start : start + batch_size]) for start in range(0, len(tiles), batch_size)]
     size = (frame.shape[-1], frame.shape[-2])
@@ -92,4 +94,4 @@ def infer_frame(infer: Callable[[torch.Tensor], Inference], frame: torch.Tensor,
     chosen = [c for p in parts for c in (p.categories or [])]
     timings = {key: sum(p.timings.get(key, 0.0) for p in parts) for key in parts[0].timings}
     return Inference(maps=amap, scores=image_scores(amap, score_top), corrected=corrected, timings=timings,
-                     categories=[max(set(chosen), key=chosen.count)] if chosen else None)
+                     categories=[Counter(chosen).most_common(1)[0][0]] if chosen else None)
