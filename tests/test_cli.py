@@ -469,14 +469,19 @@ def test_a_model_with_a_non_square_input(invoke, category_dir, non_square, tmp_p
     assert refused.exit_code == 2 and "multiple of 32" in refused.stderr
 
 
+def noise_images(folder: Path, shape: tuple[int, int], levels: tuple[int, int], count: int = 8) -> Path:
+    """`count` uniform-noise RGB images of (H, W) ``shape`` in ``folder``: a texture with no defect."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray(rng.integers(*levels, (*shape, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 def test_fit_keeps_the_shape_of_elongated_images_by_default(invoke, tmp_path):
     """The default `--image-size auto`: 4:1 line scans are seen at 512x128, not squeezed
     into 256x256, and the bundle records the shape it chose."""
-    rng = np.random.default_rng(0)
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for i in range(8):
-        Image.fromarray(rng.integers(90, 110, (100, 400, 3), dtype=np.uint8)).save(scans / f"{i}.png")
+    scans = noise_images(tmp_path / "scans", (100, 400), levels=(90, 110))
     out = tmp_path / "model"
     result = invoke("fit", scans, "--out", out, "--autoencoder", "pixel", "--model-size", "tiny",
                     "--batch-size", "2", "--max-steps", "2", "--views", "1")
@@ -492,11 +497,8 @@ def test_fit_keeps_the_shape_of_elongated_images_by_default(invoke, tmp_path):
 def test_a_tiled_model_scores_large_images_at_their_own_resolution(invoke, tmp_path):
     """--tiles: the model sees 64x64 tiles cut from the images at their own size; a map
     stitched from the tiles covers each image, whatever its size, and finds a small spot."""
-    rng = np.random.default_rng(0)
-    normal = tmp_path / "normal"
-    normal.mkdir()
-    for i in range(8):
-        Image.fromarray(rng.integers(100, 120, (96, 160, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    normal = noise_images(tmp_path / "normal", (96, 160), levels=(100, 120))
+    rng = np.random.default_rng(1)
     out = tmp_path / "model"
     result = invoke("fit", normal, "--out", out, "--tiles", *TINY_FIT, "--max-steps", "2", "--views", "2")
     assert result.exit_code == 0, result.output

@@ -52,3 +52,13 @@ def test_training_views_are_tiles_at_reproducible_random_places():
 def test_tiles_take_no_crop():
     with pytest.raises(ValueError, match="no --resize"):
         PreprocessConfig(image_size=64, resize=80, tiles=True)
+
+
+def test_tiles_drop_the_preset_s_crop_but_not_one_the_user_asked_for():
+    from decodiff_cli.presets import build_config
+
+    for preset in ("cpu", "paper"):
+        pre = build_config(preset, {"tiles": True, "image_size": "320"}).preprocess
+        assert (pre.tiles, pre.image_size, pre.resize, pre.auto_shape) == (True, 320, 320, False)
+    with pytest.raises(ValueError, match="no --resize"):
+        build_config("cpu", {"tiles": True, "resize": 288})

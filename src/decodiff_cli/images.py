@@ -3,8 +3,9 @@
 Geometry (``PreprocessConfig``, docs/method.md section 1): the image is resized to
 ``resize x resize`` (aspect ratio not kept, as in the paper), then centre-cropped to
 ``image_size``; with ``image_height`` (``--image-size WxH``) it is resized to W x H, no
-crop. ``map_to_original`` undoes exactly that, so a map can be laid over the user's
-picture.
+crop; with ``tiles`` it keeps its own resolution (enlarged only below a tile) and
+tiles.py cuts it. ``map_to_original`` undoes exactly that, so a map can be laid over the
+user's picture.
 
 Colour policy, decided once here so every command sees the same pixels:
 - EXIF orientation is applied (a phone photo is scored the way it is displayed).

@@ -162,7 +162,7 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         pre["auto_shape"] = False  # a centre crop is square
     if pre.get("tiles"):
         pre["auto_shape"] = False  # a tile's shape is the user's (or the square default)
-        if "resize" not in pre:
+        if options.get("resize") is None:  # not the preset's crop: tiles are cut, not resized
             pre["resize"] = pre.get("image_size", cfg.preprocess.image_size)
     if sections.get("denoiser", {}).get("size", cfg.denoiser.size) != cfg.denoiser.size:
         sections["denoiser"]["attention"] = []  # the preset's attention layout was for its own size
