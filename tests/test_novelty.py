@@ -33,6 +33,30 @@ def test_neighbourhood_averages_each_place_with_its_3x3_neighbours():
     assert torch.allclose(neighbourhood(torch.full((1, 2, 4, 4), 3.0)), torch.full((1, 2, 4, 4), 3.0))
 
 
+def test_windows_concatenate_the_vector_and_its_neighbourhoods():
+    z = torch.zeros(1, 2, 5, 5)
+    z[0, :, 2, 2] = 9.0
+    both = neighbourhood(z, windows=[1, 3])
+    assert both.shape == (1, 4, 5, 5)
+    assert torch.equal(both[:, :2], z) and torch.equal(both[:, 2:], neighbourhood(z))
+    assert neighbourhood(z, windows=[5])[0, 0, 0, 0] == 9.0 / 25  # edges replicated, the spot is in every window
+
+
+def test_a_one_pixel_defect_is_diluted_by_the_3x3_window_only():
+    latents = _texture(6)
+    test = _texture(1, seed=9)
+    test[0, :, 4, 4] += 3.0  # one latent pixel unlike any normal one
+    for windows in ([3], [1, 3]):
+        bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(6), size=384, windows=windows)
+        scale = novelty_scale(latents, torch.arange(6), bank, owner, windows)
+        distance = nearest_distance(test, bank, windows=windows)[0, 0] / scale
+        if windows == [3]:  # spread evenly over the spot's 3x3 neighbourhood
+            diluted = distance[3:6, 3:6].min()
+            assert distance[3:6, 3:6].max() == distance.max()
+        else:  # the single vector keeps its full distance
+            assert distance[4, 4] == distance.max() and distance[4, 4] > 1.5 * diluted
+
+
 def test_bank_is_seeded_and_drawn_from_the_images():
     latents = _texture(6)
     bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(6), size=60)
@@ -188,6 +212,10 @@ def test_novelty_is_a_cpu_default_and_a_fit_option():
     for weight in (-0.1, 1.5):
         with pytest.raises(ValueError, match="--novelty-weight must be between 0 and 1"):
             build_config("cpu", {"novelty_weight": weight})
+    assert build_config("cpu", {"novelty_windows": [1, 3]}).anomaly_map.novelty_windows == [1, 3]
+    for windows in ([], [2], [3, 3], [0], [1.5]):
+        with pytest.raises(ValueError, match="novelty_windows must be distinct odd"):
+            build_config("cpu", {"novelty_windows": windows})
 
 
 def test_the_novelty_weight_sets_the_terms_shares():

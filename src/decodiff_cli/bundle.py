@@ -227,7 +227,7 @@ def load_normal_latents(bundle: Bundle) -> dict[str, torch.Tensor] | None:
     if not file.is_file():
         raise BundleError(f"{bundle.path}: {NORMAL_LATENTS} is missing, but {CONFIG} asks for the map's novelty term")
     banks = load_state(file)
-    channels = cfg.denoiser.latent_channels
+    channels = cfg.denoiser.latent_channels * len(cfg.anomaly_map.novelty_windows)
     wrong = [name for name in cfg.categories
              if name not in banks or banks[name].ndim != 2 or banks[name].shape[1] != channels]
     if wrong:

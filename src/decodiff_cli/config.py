@@ -173,6 +173,10 @@ class MapConfig:
     # (novelty.covering): 64k costs ~0.07 s per image on one CPU thread and 4 MiB per class
     # (fp16, 32 latent channels); the cost grows linearly.
     novelty_bank: int = 65536
+    # Each place is described by its latent vector averaged over each of these odd windows
+    # (latent pixels), concatenated: 3 compares it with its surroundings, 1 keeps a defect
+    # of one latent pixel undiluted (novelty.neighbourhood).
+    novelty_windows: list[int] = field(default_factory=lambda: [3])
     # Beyond the paper: the image score is the mean of the map over its highest
     # ``score_top_fraction`` of pixels; 0 is the map's maximum (the paper's). A mean over
     # an area is steadier than one pixel, and sees defects that are large but faint.
@@ -205,6 +209,9 @@ class MapConfig:
             raise ValueError(f"--feature-levels must be 0 (all) or more, not {self.feature_levels}")
         if self.novelty_bank < 1:
             raise ValueError(f"--novelty-bank must be at least 1, not {self.novelty_bank}")
+        windows = self.novelty_windows
+        if not windows or len(set(windows)) != len(windows) or any(int(k) != k or k < 1 or k % 2 == 0 for k in windows):
+            raise ValueError(f"novelty_windows must be distinct odd window sizes (1, 3, 5...), not {windows}")
         if not 0 <= self.novelty_weight <= 1:
             raise ValueError(f"--novelty-weight must be between 0 and 1, not {self.novelty_weight}")
         if not 0 <= self.score_top_fraction < 1:

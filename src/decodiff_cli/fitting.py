@@ -195,7 +195,7 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
 
 
 def normal_latents(cache, labels: list[int], categories: list[str], scaler: LatentScaler,
-                   size: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                   size: int, windows: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The novelty term's normal statistics, per class: its bank of up to ``size`` normal
     latent vectors, drawn from all its training images (first view), and the unit of its distances,
     measured on up to REFERENCE_IMAGES of them (novelty.novelty_scale)."""
@@ -203,10 +203,10 @@ def normal_latents(cache, labels: list[int], categories: list[str], scaler: Late
     label_tensor = torch.tensor(labels)
     for index, name in enumerate(categories):
         images = (label_tensor == index).nonzero()[:, 0]
-        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), images, size)
+        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), images, size, windows=windows)
         rows = _spread_rows(labels, index)
         banks[name] = bank
-        scales[name] = round(novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner), 6)
+        scales[name] = round(novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner, windows), 6)
     return banks, scales
 
 
@@ -425,7 +425,8 @@ def fit(
     if main and cfg.anomaly_map.novelty:
         report.novelty(images=len(labels))
         scaler = LatentScaler(cfg.latent_scaling)
-        banks, cfg.measured.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank)
+        banks, cfg.measured.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank,
+                                                           cfg.anomaly_map.novelty_windows)
     labelled = load_anomalous(anomalous or [], cfg, categories, skip) if main else {}
     after_s = 0.0
     if main and cfg.train.time_budget_minutes > 0:

@@ -213,7 +213,8 @@ class DecoDiffModel:
         for index in rows.unique().tolist():
             chosen = (rows == index).to(z0.device)
             name = names[index]
-            out[chosen] = nearest_distance(z0[chosen], self.normal_latents[name]) / scales[name]
+            distance = nearest_distance(z0[chosen], self.normal_latents[name], windows=self.cfg.anomaly_map.novelty_windows)
+            out[chosen] = distance / scales[name]
         return out
 
     @torch.inference_mode()

@@ -3,15 +3,16 @@ the nearest normal latent, at any position of any normal training image.
 
 The correction says where the model would change the input; novelty says where the input
 is unlike anything seen normal. A small dark hole in a textured surface can look plausible
-to the denoiser (it changes it little) yet match no normal patch. Each latent vector is
-first averaged with its 3x3 neighbours, so that a place is compared with its surroundings
-and one noisy vector does not decide. Distances are in units of their 99th percentile on
-normal training images (each compared with the other images), like the feature term.
+to the denoiser (it changes it little) yet match no normal patch. Each place is described
+by its latent vector averaged over one or more windows (``MapConfig.novelty_windows``,
+concatenated): a 3x3 window compares a place with its surroundings, so that one noisy
+vector does not decide. Distances are in units of their 99th percentile on normal training
+images (each compared with the other images), like the feature term.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -22,9 +23,12 @@ POOL_PER_BANK_VECTOR = 8  # candidates drawn per bank vector before the covering
 COVER_ROUNDS = 4
 
 
-def neighbourhood(z: torch.Tensor) -> torch.Tensor:
-    """(N, C, h, w) latents -> each vector averaged with its 3x3 neighbours (edges replicated)."""
-    return F.avg_pool2d(F.pad(z.float(), (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+def neighbourhood(z: torch.Tensor, windows: Sequence[int] = (3,)) -> torch.Tensor:
+    """(N, C, h, w) latents -> (N, C * len(windows), h, w): each vector averaged over its
+    k x k neighbours for each odd window k (edges replicated), concatenated."""
+    z = z.float()
+    return torch.cat([z if k == 1 else F.avg_pool2d(F.pad(z, (k // 2,) * 4, mode="replicate"), k, stride=1)
+                      for k in windows], dim=1)
 
 
 def _vectors(z: torch.Tensor) -> torch.Tensor:
@@ -32,22 +36,23 @@ def _vectors(z: torch.Tensor) -> torch.Tensor:
 
 
 def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                seed: int = 0, windows: Sequence[int] = (3,)) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal images ``images`` (N,) ids, read in groups through ``latents_of(ids) ->
     (n, C, h, w)`` (a cache may be larger than RAM) -> (bank (M, C), owner (M,)): at most
     ``size`` of their neighbourhood vectors that cover them (``covering``), and the id of
     the image each came from."""
     generator = torch.Generator().manual_seed(seed)
-    pool, owner = _random_share(latents_of, images, POOL_PER_BANK_VECTOR * size, generator)
+    pool, owner = _random_share(latents_of, images, POOL_PER_BANK_VECTOR * size, generator, windows)
     chosen = covering(pool, size, generator)
     return pool[chosen].contiguous(), owner[chosen]
 
 
-def _random_share(latents_of, images: torch.Tensor, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_share(latents_of, images: torch.Tensor, size: int, generator: torch.Generator,
+                  windows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """At most about ``size`` neighbourhood vectors, an equal random share of each image."""
     vectors, owner = [], []
     for ids in images.split(64):
-        z = neighbourhood(latents_of(ids))
+        z = neighbourhood(latents_of(ids), windows)
         places = z.shape[-2] * z.shape[-1]
         share = min(places, -(-size // len(images)))
         for image_id, image in zip(ids, z):
@@ -101,19 +106,21 @@ def _nearest(queries: torch.Tensor, bank: torch.Tensor, excluded: torch.Tensor |
     return torch.cat(rows)
 
 
-def nearest_distance(z: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_distance(z: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None,
+                     windows: Sequence[int] = (3,)) -> torch.Tensor:
     """(N, C, h, w) latents -> (N, 1, h, w): the distance of each neighbourhood vector to the
     nearest bank vector. ``exclude`` (N, M) bool: bank vectors image n may not match."""
     h, w = z.shape[-2:]
     bank = bank.to(z.device, torch.float32)
     return torch.stack([
         _nearest(_vectors(image[None]), bank, None if exclude is None else exclude[i].to(z.device)).view(1, h, w)
-        for i, image in enumerate(neighbourhood(z))
+        for i, image in enumerate(neighbourhood(z, windows))
     ])
 
 
-def novelty_scale(latents: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, owner: torch.Tensor) -> float:
+def novelty_scale(latents: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, owner: torch.Tensor,
+                  windows: Sequence[int] = (3,)) -> float:
     """The 99th percentile of the nearest distance of (n, C, h, w) normal latents, of the
     images ``ids`` (n,), each matched only against the bank vectors of other images."""
-    distances = nearest_distance(latents, bank, exclude=owner[None, :] == ids[:, None])
+    distances = nearest_distance(latents, bank, exclude=owner[None, :] == ids[:, None], windows=windows)
     return max(float(torch.quantile(distances.flatten(), 0.99)), 1e-6)

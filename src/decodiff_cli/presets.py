@@ -105,6 +105,7 @@ OPTION_FIELDS = {
     "map_novelty": ("anomaly_map", "novelty"),
     "novelty_bank": ("anomaly_map", "novelty_bank"),
     "novelty_weight": ("anomaly_map", "novelty_weight"),
+    "novelty_windows": ("anomaly_map", "novelty_windows"),
     "score_top": ("anomaly_map", "score_top_fraction"),
     "mixed_precision": ("train", "mixed_precision"),
     "hflip": ("train", "hflip"),
