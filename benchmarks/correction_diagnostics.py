@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from _common import choose_threads  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from decodiff_cli.datasets import discover
 from decodiff_cli.detector import Detector
-from decodiff_cli.deviation import corrupt
+from decodiff_cli.deviation import as_deviation, corrupt
 from decodiff_cli.images import load_image, mask_to_model_space
 from decodiff_cli.inputs import is_image_name
 
@@ -51,7 +51,8 @@ def _denoiser(detector: Detector, category: str):
 
     def eps_theta(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = None if label is None else label.expand(len(z_t)).to(z_t.device)
-        return model.denoiser(z_t, t, labels).float()
+        out = model.denoiser(z_t, t, labels).float()
+        return as_deviation(out, z_t.float(), t, model.abar, model.cfg.denoiser.prediction)
 
     return eps_theta
 

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from decodiff_cli.config import CorrectionConfig
-from decodiff_cli.deviation import alpha_bars, corrupt, correct, sample_patch_size
+from decodiff_cli.deviation import alpha_bars, as_deviation, corrupt, correct, loss_weights, sample_patch_size
 
 # docs/method.md section 2, to 4 decimals.
 ABAR = [0.9721, 0.8987, 0.7869, 0.6475, 0.4938, 0.3408, 0.2031, 0.0940, 0.0241, 0.0]
@@ -368,3 +368,23 @@ def test_correction_timesteps_default_and_general_shape():
         assert len(steps) == min(calls, 9)
     with pytest.raises(ValueError):
         CorrectionConfig(num_calls=0).timesteps()
+
+
+def test_a_predicted_clean_latent_is_the_deviation_that_leads_to_it():
+    abar = alpha_bars(10)
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 3, 8, 9])
+    c = corrupt(z0, t, abar, 2, generator=g)
+    a = abar[t].view(-1, 1, 1, 1)
+    # the exact clean latent as output gives the exact target, for either parametrisation
+    assert torch.allclose(as_deviation(z0, c.z_t, t, abar, "clean"), c.target, atol=1e-5)
+    assert torch.equal(as_deviation(c.target, c.z_t, t, abar, "deviation"), c.target)
+    # the clean prediction's loss is its own squared error: (1 - abar_t) |eps - eps'|^2
+    guess = z0 + 0.1 * torch.randn(z0.shape, generator=g)
+    eps_error = (as_deviation(guess, c.z_t, t, abar, "clean") - c.target) ** 2
+    assert torch.allclose(eps_error * loss_weights(t, abar, "clean"), (guess - z0) ** 2, atol=1e-5)
+    assert torch.equal(loss_weights(t, abar, "deviation"), torch.ones(4, 1, 1, 1))
+    assert torch.allclose(c.z_t - (1 - a).sqrt() * as_deviation(guess, c.z_t, t, abar, "clean"), guess, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        as_deviation(z0, c.z_t, t, abar, "noise")

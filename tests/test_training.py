@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import Events
+from conftest import Events, tiny_config
 from decodiff_cli import latent_cache
 from decodiff_cli.bundle import DENOISER, TRAINING_LOG
 from decodiff_cli.detector import Detector
@@ -343,3 +343,19 @@ def test_noised_elements_can_weigh_more_in_the_loss():
     assert torch.equal(element_weights(kept, 1.0), torch.ones_like(kept))  # the default: the plain mean
     assert torch.equal(element_weights(kept, 4.0), torch.tensor([[[[1.0, 4.0], [4.0, 1.0]]]]))
     assert build_config("cpu", {"noised_weight": 4.0}).train.noised_weight == 4.0
+
+
+def test_a_model_that_predicts_the_clean_latent_trains_and_scores(tmp_path, category_dir, test_images):
+    from decodiff_cli.inputs import find_training_images
+
+    cfg = tiny_config(max_steps=3)
+    cfg.denoiser.prediction = "clean"
+    images, _ = find_training_images([str(category_dir)])
+    fit(images, tmp_path / "model", cfg)
+    detector = Detector.load(tmp_path / "model", device="cpu")
+    assert detector.bundle.config.denoiser.prediction == "clean"
+    (prediction,) = list(detector.predict(test_images[:1]))
+    assert prediction.error is None and np.isfinite(prediction.score)
+    assert build_config("cpu", {"prediction": "clean"}).denoiser.prediction == "clean"
+    with pytest.raises(ValueError, match="prediction must be one of deviation, clean"):
+        build_config("cpu", {"prediction": "x0"})

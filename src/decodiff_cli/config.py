@@ -239,6 +239,9 @@ class AutoencoderConfig:
     downsample: int = 8
 
 
+PREDICTIONS = ("deviation", "clean")  # DenoiserConfig.prediction
+
+
 @dataclass
 class DenoiserConfig:
     size: str = "xs"
@@ -247,6 +250,9 @@ class DenoiserConfig:
     latent_height: int = 0  # 0: square
     num_classes: int = 0  # > 0: class-conditional (unified multi-category model)
     attention: list[bool] = field(default_factory=list)  # per level, fine to coarse; [] = the size's
+    # What the network outputs: "deviation", the paper's eps' (Eq. 11), or "clean", the clean
+    # latent z0 itself (trained on its squared error; deviation.as_deviation converts it).
+    prediction: str = "deviation"
 
     @property
     def latent_shape(self) -> tuple[int, int]:

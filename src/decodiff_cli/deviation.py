@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch.nn import functional as F
 
+from decodiff_cli.config import PREDICTIONS
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t, t) -> eps_theta
 
 
@@ -130,6 +132,26 @@ def _shuffle_patches(z0: torch.Tensor, patch: int, generator: torch.Generator | 
     source = torch.randint(0, n * per_image, (n * per_image,), generator=generator).to(z0.device)
     picked = flat[source].reshape(n, per_image, -1).permute(0, 2, 1)
     return F.fold(picked, (ph, pw), kernel_size=patch, stride=patch)[:, :, :h, :w]
+
+
+def as_deviation(output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+                 prediction: str) -> torch.Tensor:
+    """The network's output as eps' (DenoiserConfig.prediction): a predicted clean latent
+    x0 becomes (z_t - x0) / sqrt(1 - abar_t), so that z_t - sqrt(1 - abar_t) eps' = x0."""
+    if prediction == "deviation":
+        return output
+    if prediction != "clean":
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    a = abar.to(z_t.device, torch.float32)[t].view(-1, 1, 1, 1)
+    return (z_t - output) / (1 - a).sqrt()
+
+
+def loss_weights(t: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """(N, 1, 1, 1) weights that turn the squared error of eps' into that of the network's own
+    output: 1 for "deviation", 1 - abar_t for "clean" (|x0 - z0|^2 = (1 - abar_t) |eps - eps'|^2)."""
+    if prediction == "deviation":
+        return torch.ones(len(t), 1, 1, 1, device=t.device)
+    return (1 - abar.to(t.device, torch.float32)[t]).view(-1, 1, 1, 1)
 
 
 # ---------------------------------------------------------------------------- inference

@@ -19,7 +19,7 @@ from decodiff_cli.anomaly_map import MapInputs, anomaly_maps, feature_difference
 from decodiff_cli.autoencoders import Autoencoder
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
-from decodiff_cli.deviation import alpha_bars, correct
+from decodiff_cli.deviation import alpha_bars, as_deviation, correct
 from decodiff_cli.latents import LatentScaler
 from decodiff_cli.novelty import nearest_distance
 
@@ -164,7 +164,8 @@ class DecoDiffModel:
 
         def eps_theta(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with self._autocast():
-                return self.denoiser(z_t, t, labels).float()
+                out = self.denoiser(z_t, t, labels).float()
+            return as_deviation(out, z_t.float(), t, self.abar, self.cfg.denoiser.prediction)
 
         correction = self.cfg.correction
         if steps is not None:

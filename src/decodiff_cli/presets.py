@@ -10,6 +10,7 @@ from decodiff_cli.config import (
     AutoencoderConfig,
     CorrectionConfig,
     DenoiserConfig,
+    PREDICTIONS,
     LatentScaling,
     MapConfig,
     ModelConfig,
@@ -106,6 +107,7 @@ OPTION_FIELDS = {
     "novelty_bank": ("anomaly_map", "novelty_bank"),
     "novelty_weight": ("anomaly_map", "novelty_weight"),
     "novelty_windows": ("anomaly_map", "novelty_windows"),
+    "prediction": ("denoiser", "prediction"),
     "score_top": ("anomaly_map", "score_top_fraction"),
     "mixed_precision": ("train", "mixed_precision"),
     "hflip": ("train", "hflip"),
@@ -169,6 +171,8 @@ def build_config(preset: str, options: dict[str, Any]) -> ModelConfig:
         sections["denoiser"]["attention"] = []  # the preset's attention layout was for its own size
     for section, values in sections.items():
         setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **values))
+    if cfg.denoiser.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {cfg.denoiser.prediction!r}")
     if cfg.train.mixed_precision not in ("no", "fp16", "bf16", "auto"):
         raise ValueError(f"--mixed-precision must be no, fp16, bf16 or auto, not {cfg.train.mixed_precision!r}")
     # A preset's map terms yield to a one-term map; terms named on the command line do not

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
-from decodiff_cli.deviation import alpha_bars, corrupt, sample_patch_size
+from decodiff_cli.deviation import alpha_bars, as_deviation, corrupt, loss_weights, sample_patch_size
 from decodiff_cli.latent_cache import LatentCache
 from decodiff_cli.latents import LatentScaler
 
@@ -366,8 +366,10 @@ def _train_step(model, optimizer, accelerator, cfg: ModelConfig, cache: LatentCa
         if not len(chunk):
             chunk, chunk_weights = torch.zeros(1, dtype=torch.long), torch.zeros(1, device=device)
         with accelerator.accumulate(model):
-            eps = model(noisy.z_t[chunk], t[chunk], class_ids[chunk] if class_ids is not None else None)
-            err = F.mse_loss(eps.float(), noisy.target[chunk].float(), reduction="none")
+            out = model(noisy.z_t[chunk], t[chunk], class_ids[chunk] if class_ids is not None else None)
+            eps = as_deviation(out.float(), noisy.z_t[chunk].float(), t[chunk], abar, cfg.denoiser.prediction)
+            err = F.mse_loss(eps, noisy.target[chunk].float(), reduction="none")
+            err = err * loss_weights(t[chunk], abar, cfg.denoiser.prediction)
             per_row = (err * element_weights(noisy.kept[chunk], tc.noised_weight)).flatten(1).mean(dim=1)
             # accelerate divides by the number of micro-batches; the weights already sum to the share
             accelerator.backward((per_row * chunk_weights).sum() * accelerator.gradient_accumulation_steps)
