@@ -42,19 +42,32 @@ def test_windows_concatenate_the_vector_and_its_neighbourhoods():
     assert neighbourhood(z, windows=[5])[0, 0, 0, 0] == 9.0 / 25  # edges replicated, the spot is in every window
 
 
-def test_a_one_pixel_defect_is_diluted_by_the_3x3_window_only():
+def test_a_one_pixel_defect_keeps_its_full_distance_in_the_one_pixel_window():
     latents = _texture(6)
     test = _texture(1, seed=9)
     test[0, :, 4, 4] += 3.0  # one latent pixel unlike any normal one
-    for windows in ([3], [1, 3]):
-        bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(6), size=384, windows=windows)
-        scale = novelty_scale(latents, torch.arange(6), bank, owner, windows)
-        distance = nearest_distance(test, bank, windows=windows)[0, 0] / scale
-        if windows == [3]:  # spread evenly over the spot's 3x3 neighbourhood
-            diluted = distance[3:6, 3:6].min()
-            assert distance[3:6, 3:6].max() == distance.max()
-        else:  # the single vector keeps its full distance
-            assert distance[4, 4] == distance.max() and distance[4, 4] > 1.5 * diluted
+    bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(6), size=384, windows=[3, 1])
+    assert bank.shape == (384, 8)
+    scales = novelty_scale(latents, torch.arange(6), bank, owner, [3, 1])
+    assert len(scales) == 2 and scales[1] > scales[0]  # single vectors vary more than their averages
+    distance = nearest_distance(test, bank, windows=[3, 1])[0] / torch.tensor(scales).view(2, 1, 1)
+    around = distance[0, 3:6, 3:6]
+    assert around.max() == distance[0].max() and around.max() - around.min() < 1  # spread over the 3x3 window
+    assert distance[1, 4, 4] == distance[1].max() and distance[1, 4, 4] > 3 * around.max()  # undiluted
+    # each window is matched on its own part of the bank: the first alone is today's term
+    alone, _ = normal_bank(lambda rows: latents[rows], torch.arange(6), size=384)
+    assert torch.allclose(nearest_distance(test, alone)[0, 0], nearest_distance(test, bank[:, :4])[0, 0])
+
+
+def test_further_windows_count_only_beyond_the_normal_range():
+    from decodiff_cli.anomaly_map import novelty_discrepancy
+
+    distances = torch.tensor([0.5, 0.9, 1.5, 3.0]).view(1, 1, 1, 4)
+    first_only = novelty_discrepancy(distances, 2.0, 0.0, (1, 4))
+    assert torch.allclose(first_only, torch.tensor([0.25, 0.45, 0.75, 1.0]).view(1, 1, 1, 4))
+    second = torch.tensor([0.9, 1.8, 1.2, 0.0]).view(1, 1, 1, 4)  # below 1: nothing; 1.8: .8 beyond it
+    both = novelty_discrepancy(torch.cat([distances, second], dim=1), 2.0, 0.0, (1, 4))
+    assert torch.allclose(both, torch.tensor([0.25, 0.8, 0.75, 1.0]).view(1, 1, 1, 4))
 
 
 def test_bank_is_seeded_and_drawn_from_the_images():
@@ -248,3 +261,19 @@ def test_nearest_distance_matches_brute_force_in_blocks(monkeypatch, bank_size):
         d[:, exclude[i]] = float("inf")
         expected = d.amin(dim=1).float().view(6, 5)
         assert torch.allclose(nearest_distance(z[i:i + 1], bank, exclude[i:i + 1])[0, 0], expected, atol=1e-4)
+
+
+def test_a_model_with_two_windows_fits_and_scores(tmp_path, category_dir, test_images):
+    from decodiff_cli.fitting import fit
+    from decodiff_cli.inputs import find_training_images
+
+    images, _ = find_training_images([str(category_dir)])
+    cfg = tiny_config(max_steps=2)
+    cfg.anomaly_map = MapConfig(combine="arithmetic", novelty=True, novelty_bank=100, novelty_windows=[3, 1])
+    fit(images, tmp_path / "model", cfg)
+    bundle = read_bundle(tmp_path / "model")
+    scales = bundle.config.measured.novelty_scales[CATEGORY]
+    assert len(scales) == 2 and all(s > 0 for s in scales)
+    assert load_normal_latents(bundle)[CATEGORY].shape == (100, 2 * bundle.config.denoiser.latent_channels)
+    predictions = list(Detector.load(tmp_path / "model", device="cpu").predict(test_images[:2]))
+    assert all(p.error is None and 0 <= p.score <= 1 for p in predictions)

@@ -173,9 +173,10 @@ class MapConfig:
     # (novelty.covering): 64k costs ~0.07 s per image on one CPU thread and 4 MiB per class
     # (fp16, 32 latent channels); the cost grows linearly.
     novelty_bank: int = 65536
-    # Each place is described by its latent vector averaged over each of these odd windows
-    # (latent pixels), concatenated: 3 compares it with its surroundings, 1 keeps a defect
-    # of one latent pixel undiluted (novelty.neighbourhood).
+    # Odd windows (latent pixels) over which each place's latent vector is averaged before
+    # the nearest normal one is found; the first makes the term, each further one counts
+    # only beyond its normal range (anomaly_map.novelty_discrepancy). 1 after 3: a defect of
+    # one latent pixel, which the 3x3 average dilutes ninefold, keeps its full distance.
     novelty_windows: list[int] = field(default_factory=lambda: [3])
     # Beyond the paper: the image score is the mean of the map over its highest
     # ``score_top_fraction`` of pixels; 0 is the map's maximum (the paper's). A mean over
@@ -212,6 +213,8 @@ class MapConfig:
         windows = self.novelty_windows
         if not windows or len(set(windows)) != len(windows) or any(int(k) != k or k < 1 or k % 2 == 0 for k in windows):
             raise ValueError(f"novelty_windows must be distinct odd window sizes (1, 3, 5...), not {windows}")
+        if len(windows) > 1 and self.novelty_clip <= 1:
+            raise ValueError(f"novelty_clip must be above 1 (the normal range) with several windows, not {self.novelty_clip}")
         if not 0 <= self.novelty_weight <= 1:
             raise ValueError(f"--novelty-weight must be between 0 and 1, not {self.novelty_weight}")
         if not 0 <= self.score_top_fraction < 1:
@@ -312,7 +315,7 @@ class FitStatistics:
     # the reference was chosen, not measured
     alignment: dict[str, float] = field(default_factory=dict)
     feature_scales: dict[str, list[float]] = field(default_factory=dict)  # the feature term's units, coarse to fine
-    novelty_scales: dict[str, float] = field(default_factory=dict)  # the novelty term's unit
+    novelty_scales: dict[str, float | list[float]] = field(default_factory=dict)  # the novelty term's unit (per window)
     # the mean normalised training latent pooled over space: a nearest-centroid guess of an
     # image's category when nobody names it (models of several classes)
     class_centroids: dict[str, list[float]] = field(default_factory=dict)

@@ -195,7 +195,7 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
 
 
 def normal_latents(cache, labels: list[int], categories: list[str], scaler: LatentScaler,
-                   size: int, windows: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                   size: int, windows: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, float | list[float]]]:
     """The novelty term's normal statistics, per class: its bank of up to ``size`` normal
     latent vectors, drawn from all its training images (first view), and the unit of its distances,
     measured on up to REFERENCE_IMAGES of them (novelty.novelty_scale)."""
@@ -206,7 +206,8 @@ def normal_latents(cache, labels: list[int], categories: list[str], scaler: Late
         bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), images, size, windows=windows)
         rows = _spread_rows(labels, index)
         banks[name] = bank
-        scales[name] = round(novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner, windows), 6)
+        scale = novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner, windows)
+        scales[name] = [round(x, 6) for x in scale] if isinstance(scale, list) else round(scale, 6)
     return banks, scales
 
 

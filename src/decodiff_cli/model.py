@@ -200,7 +200,7 @@ class DecoDiffModel:
         return table[rows].to(self.device)
 
     def _novelty(self, z0: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """(N, 1, h, w): each place's distance to the nearest normal latent of its image's
+        """(N, windows, h, w): each place's distance to the nearest normal latent of its image's
         class, in units of that class's normal scale (None when the map has no novelty term)."""
         if not self.cfg.anomaly_map.novelty:
             return None
@@ -210,12 +210,13 @@ class DecoDiffModel:
             raise ValueError(f"the map's novelty term has no normal latents for {', '.join(missing) or 'this model'}: "
                              "they are stored at fit time")
         rows = torch.zeros(len(z0), dtype=torch.long) if class_ids is None else class_ids.cpu()
-        out = torch.empty(len(z0), 1, *z0.shape[-2:], device=z0.device)
+        windows = self.cfg.anomaly_map.novelty_windows
+        out = torch.empty(len(z0), len(windows), *z0.shape[-2:], device=z0.device)
         for index in rows.unique().tolist():
             chosen = (rows == index).to(z0.device)
             name = names[index]
-            distance = nearest_distance(z0[chosen], self.normal_latents[name], windows=self.cfg.anomaly_map.novelty_windows)
-            out[chosen] = distance / scales[name]
+            unit = torch.tensor(scales[name], dtype=torch.float32, device=z0.device).view(1, -1, 1, 1)
+            out[chosen] = nearest_distance(z0[chosen], self.normal_latents[name], windows=windows) / unit
         return out
 
     @torch.inference_mode()

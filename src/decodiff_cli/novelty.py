@@ -3,11 +3,13 @@ the nearest normal latent, at any position of any normal training image.
 
 The correction says where the model would change the input; novelty says where the input
 is unlike anything seen normal. A small dark hole in a textured surface can look plausible
-to the denoiser (it changes it little) yet match no normal patch. Each place is described
-by its latent vector averaged over one or more windows (``MapConfig.novelty_windows``,
-concatenated): a 3x3 window compares a place with its surroundings, so that one noisy
-vector does not decide. Distances are in units of their 99th percentile on normal training
-images (each compared with the other images), like the feature term.
+to the denoiser (it changes it little) yet match no normal patch. Each latent vector is
+first averaged with its 3x3 neighbours, so that a place is compared with its surroundings
+and one noisy vector does not decide. Further windows (``MapConfig.novelty_windows``, e.g.
+1: the vector alone, which a hole of one latent pixel does not dilute) are matched on their
+own, against their part of the same bank vectors. Distances are in units of their 99th
+percentile on normal training images (each compared with the other images), like the
+feature term.
 """
 
 from __future__ import annotations
@@ -108,19 +110,26 @@ def _nearest(queries: torch.Tensor, bank: torch.Tensor, excluded: torch.Tensor |
 
 def nearest_distance(z: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None,
                      windows: Sequence[int] = (3,)) -> torch.Tensor:
-    """(N, C, h, w) latents -> (N, 1, h, w): the distance of each neighbourhood vector to the
-    nearest bank vector. ``exclude`` (N, M) bool: bank vectors image n may not match."""
+    """(N, C, h, w) latents -> (N, len(windows), h, w): per window, the distance of each
+    place's vector to the nearest bank vector (their parts for that window, novelty.neighbourhood).
+    ``exclude`` (N, M) bool: bank vectors image n may not match."""
     h, w = z.shape[-2:]
+    c = z.shape[1]
     bank = bank.to(z.device, torch.float32)
-    return torch.stack([
-        _nearest(_vectors(image[None]), bank, None if exclude is None else exclude[i].to(z.device)).view(1, h, w)
-        for i, image in enumerate(neighbourhood(z, windows))
-    ])
+    parts = [bank[:, k * c:(k + 1) * c].contiguous() for k in range(len(windows))]
+    rows = []
+    for i, image in enumerate(neighbourhood(z, windows)):
+        vectors, excluded = _vectors(image[None]), None if exclude is None else exclude[i].to(z.device)
+        rows.append(torch.stack([_nearest(vectors[:, k * c:(k + 1) * c].contiguous(), part, excluded).view(h, w)
+                                 for k, part in enumerate(parts)]))
+    return torch.stack(rows)
 
 
 def novelty_scale(latents: torch.Tensor, ids: torch.Tensor, bank: torch.Tensor, owner: torch.Tensor,
-                  windows: Sequence[int] = (3,)) -> float:
+                  windows: Sequence[int] = (3,)) -> float | list[float]:
     """The 99th percentile of the nearest distance of (n, C, h, w) normal latents, of the
-    images ``ids`` (n,), each matched only against the bank vectors of other images."""
+    images ``ids`` (n,), each matched only against the bank vectors of other images: one
+    number, or one per window when there are several."""
     distances = nearest_distance(latents, bank, exclude=owner[None, :] == ids[:, None], windows=windows)
-    return max(float(torch.quantile(distances.flatten(), 0.99)), 1e-6)
+    scales = [max(float(torch.quantile(d.flatten(), 0.99)), 1e-6) for d in distances.transpose(0, 1)]
+    return scales[0] if len(scales) == 1 else scales
