@@ -129,13 +129,13 @@ def feature_discrepancy(levels: list[torch.Tensor], scales: torch.Tensor, clip: 
 
 def novelty_discrepancy(distances: torch.Tensor, clip: float, sigma: float, size: tuple[int, int]) -> torch.Tensor:
     """(N, windows, h, w) nearest-normal distances in units of their normal scale -> (N, 1, H, W)
-    in [0, 1]: the first window's clipped; each further window's only beyond the normal range
-    (1 unit, where 1% of normal places reach), the maximum taken; blurred like the latent
-    term, upsampled to image size."""
+    in [0, 1]: the first window's clipped, plus what each further window has beyond the normal
+    range (1 unit, where 1% of normal places reach), so that normal places keep the first
+    window's value; blurred like the latent term, upsampled to image size."""
     term = distances[:, :1].clamp(0, clip) / clip
     if distances.shape[1] > 1:
-        beyond = ((distances[:, 1:] - 1) / (clip - 1)).clamp(0, 1).amax(dim=1, keepdim=True)
-        term = torch.maximum(term, beyond)
+        beyond = ((distances[:, 1:] - 1) / (clip - 1)).clamp(0, 1).sum(dim=1, keepdim=True)
+        term = (term + beyond).clamp(max=1)
     term = gaussian_blur(term, sigma)
     return F.interpolate(term, size=size, mode="bilinear", align_corners=False)
 

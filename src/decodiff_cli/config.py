@@ -174,8 +174,8 @@ class MapConfig:
     # (fp16, 32 latent channels); the cost grows linearly.
     novelty_bank: int = 65536
     # Odd windows (latent pixels) over which each place's latent vector is averaged before
-    # the nearest normal one is found; the first makes the term, each further one counts
-    # only beyond its normal range (anomaly_map.novelty_discrepancy). 1 after 3: a defect of
+    # the nearest normal one is found; the first makes the term, each further one adds what
+    # it has beyond its normal range (anomaly_map.novelty_discrepancy). 1 after 3: a defect of
     # one latent pixel, which the 3x3 average dilutes ninefold, keeps its full distance.
     novelty_windows: list[int] = field(default_factory=lambda: [3])
     # Beyond the paper: the image score is the mean of the map over its highest
