@@ -123,10 +123,11 @@ def _assert_same_records(got: list[dict], want: list[dict]) -> None:
     assert set(got_map) == set(want_map)
     for path, w in want_map.items():
         g = got_map[path]
-        assert (g["error"] is None) == (w["error"] is None), path
-        assert g["class"] == w["class"] and g["is_anomalous"] == w["is_anomalous"], path
+        differ = f"{path}: got {g}, want {w}"  # the whole records: this comparison has failed now and then
+        assert (g["error"] is None) == (w["error"] is None), differ
+        assert g["class"] == w["class"] and g["is_anomalous"] == w["is_anomalous"], differ
         if w["score"] is not None:
-            assert abs(g["score"] - w["score"]) <= 1e-4, path
+            assert abs(g["score"] - w["score"]) <= 1e-4, differ
 
 
 def _files(folder: Path) -> dict[str, bytes]:
