@@ -123,7 +123,7 @@ def _assert_same_records(got: list[dict], want: list[dict]) -> None:
     assert set(got_map) == set(want_map)
     for path, w in want_map.items():
         g = got_map[path]
-        differ = f"{path}: got {g}, want {w}"  # the whole records: this comparison has failed now and then
+        differ = f"{path}: got {g}, want {w}"  # whole records, so that a rare failure can be read
         assert (g["error"] is None) == (w["error"] is None), differ
         assert g["class"] == w["class"] and g["is_anomalous"] == w["is_anomalous"], differ
         if w["score"] is not None:
