@@ -153,7 +153,7 @@ def combine(terms: list[torch.Tensor], how: str) -> torch.Tensor:
 class MapInputs:
     """What one batch offers the map. The decoded images are needed by the pixel term only;
     the (N, 2, h, w) normal reference by the latent term when the map has one; the per-level
-    feature differences and their (N, levels) scales by the feature term; the (N, 1, h, w)
+    feature differences and their (N, levels) scales by the feature term; the (N, windows, h, w)
     nearest-normal distances, in units of their normal scale, by the novelty term."""
 
     z0: torch.Tensor  # (N, C, h, w) the input's latent

@@ -40,9 +40,9 @@ def _vectors(z: torch.Tensor) -> torch.Tensor:
 def normal_bank(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int,
                 seed: int = 0, windows: Sequence[int] = (3,)) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal images ``images`` (N,) ids, read in groups through ``latents_of(ids) ->
-    (n, C, h, w)`` (a cache may be larger than RAM) -> (bank (M, C), owner (M,)): at most
-    ``size`` of their neighbourhood vectors that cover them (``covering``), and the id of
-    the image each came from."""
+    (n, C, h, w)`` (a cache may be larger than RAM) -> (bank (M, C * len(windows)), owner (M,)):
+    at most ``size`` of their neighbourhood vectors that cover them (``covering``), and the
+    id of the image each came from."""
     generator = torch.Generator().manual_seed(seed)
     pool, owner = _random_share(latents_of, images, POOL_PER_BANK_VECTOR * size, generator, windows)
     chosen = covering(pool, size, generator)
