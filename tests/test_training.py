@@ -345,7 +345,7 @@ def test_noised_elements_can_weigh_more_in_the_loss():
     assert build_config("cpu", {"noised_weight": 4.0}).train.noised_weight == 4.0
 
 
-def test_a_model_that_predicts_the_clean_latent_trains_and_scores(tmp_path, category_dir, test_images):
+def test_a_model_that_predicts_the_clean_latent_trains_and_scores(invoke, tmp_path, category_dir, test_images):
     from decodiff_cli.inputs import find_training_images
 
     cfg = tiny_config(max_steps=3)
@@ -356,6 +356,7 @@ def test_a_model_that_predicts_the_clean_latent_trains_and_scores(tmp_path, cate
     assert detector.bundle.config.denoiser.prediction == "clean"
     (prediction,) = list(detector.predict(test_images[:1]))
     assert prediction.error is None and np.isfinite(prediction.score)
+    assert "predicts the clean latent" in " ".join(invoke("info", tmp_path / "model").stdout.split())
     assert build_config("cpu", {"prediction": "clean"}).denoiser.prediction == "clean"
     with pytest.raises(ValueError, match="prediction must be one of deviation, clean"):
         build_config("cpu", {"prediction": "x0"})

@@ -221,7 +221,8 @@ def info(bundle: Path = typer.Argument(..., help="A bundle folder.", show_defaul
         ("format / decodiff", f"{c.format_version} / {c.decodiff_version}"),
         ("classes", ", ".join(c.categories) + (" (class-conditional)" if c.denoiser.num_classes else "")),
         ("autoencoder", f"{c.autoencoder.spec} ({c.autoencoder.kind}, {c.autoencoder.latent_channels} ch, /{c.autoencoder.downsample})"),
-        ("denoiser", f"{c.denoiser.size}, latent {c.denoiser.latent_channels}x{c.denoiser.latent_shape[0]}x{c.denoiser.latent_shape[1]}"),
+        ("denoiser", f"{c.denoiser.size}, latent {c.denoiser.latent_channels}x{c.denoiser.latent_shape[0]}x{c.denoiser.latent_shape[1]}"
+                     + ("" if c.denoiser.prediction == "deviation" else f", predicts the {c.denoiser.prediction} latent")),
         ("preprocess", c.preprocess.describe()),
         ("noise schedule", f"T={c.schedule.num_timesteps}, {c.schedule.kind}"),
         ("training", describe_training(c.train)),
@@ -274,7 +275,7 @@ def _describe_map(m, alignment: dict[str, float] | None = None) -> str:
         text += f"; decoder-feature term, clip {m.feature_clip}"
     if m.novelty:
         text += (f"; novelty term at weight {m.novelty_weight:.2f} ({m.novelty_bank} normal vectors per class, "
-                 f"clip {m.novelty_clip})")
+                 f"clip {m.novelty_clip}" + ("" if m.novelty_windows == [3] else f", windows {m.novelty_windows}") + ")")
     if m.shifted_view:
         text += "; shifted view for unaligned classes"
     text += f"; image score: mean of the top {m.score_top_fraction:.1%}" if m.score_top_fraction else "; image score: maximum"
