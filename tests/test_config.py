@@ -142,8 +142,9 @@ def test_cpu_preset_differs_from_the_method_defaults_only_where_measured():
     assert cpu.correction.timesteps() == [8, 0] and method.correction.timesteps() == [8, 6, 4, 2, 0]
     assert cpu.preprocess.auto_shape and not method.preprocess.auto_shape
     assert (cpu.train.shuffle_ratio_max, method.train.shuffle_ratio_max) == (0.8, 0.3)
+    assert (cpu.train.mask_ratio_max, method.train.mask_ratio_max) == (0.9, 0.7)
     cpu.correction, cpu.preprocess.auto_shape = method.correction, False
-    cpu.train.shuffle_ratio_max = method.train.shuffle_ratio_max
+    cpu.train.shuffle_ratio_max, cpu.train.mask_ratio_max = method.train.shuffle_ratio_max, method.train.mask_ratio_max
     cpu.anomaly_map.combine, cpu.denoiser.attention = method.anomaly_map.combine, method.denoiser.attention
     cpu.anomaly_map.reference, cpu.anomaly_map.features = method.anomaly_map.reference, method.anomaly_map.features
     cpu.anomaly_map.novelty, cpu.anomaly_map.novelty_weight = method.anomaly_map.novelty, method.anomaly_map.novelty_weight
