@@ -42,10 +42,14 @@ def score_paths(bundle: str, paths: list[str]) -> list[dict] | None:
 def main(bundle: str, paths_file: str, out: str) -> None:
     with open(paths_file) as f:
         paths = [line.strip() for line in f if line.strip()]
-    rows = score_paths(bundle, paths)
-    if rows is not None:
-        with open(out, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+    try:
+        rows = score_paths(bundle, paths)
+        if rows is not None:
+            with open(out, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+    finally:  # left to the interpreter's exit, gloo can abort the process (SIGABRT) after the work is done
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -269,12 +269,8 @@ def test_python_pattern_example_shards_paths_like_one_process(invoke, bundle, in
     script = [str(REPO / "examples" / "distributed_score.py"), str(bundle), str(tmp_path / "paths.txt"),
               str(tmp_path / "scores.jsonl")]
     result, _ = _launch(tmp_path, script)
-    first = ""
-    if result.returncode != 0:  # failed now and then in full-suite runs on a busy 2-core machine, cause not found yet: once more
-        first = f"first launch (code {result.returncode}):\n{result.stderr[-1500:]}\n"
-        (tmp_path / "scores.jsonl").unlink(missing_ok=True)
-        result, _ = _launch(tmp_path, script)
-    assert result.returncode == 0, first + result.stderr[-3000:]
+    # It failed now and then (SIGABRT at exit) until the script destroyed its process group.
+    assert result.returncode == 0, result.stderr[-3000:]
     got = _jsonl((tmp_path / "scores.jsonl").read_text())
     assert [r["path"] for r in got] == paths
     _assert_same_records(got, want)

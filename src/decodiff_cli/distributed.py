@@ -15,6 +15,7 @@ forever.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 from datetime import timedelta
@@ -75,6 +76,7 @@ class ProcessGroup:
             # Each process would believe it is alone and process every input: N copies of the work.
             raise ValueError(f"launched as {expected} processes, but accelerate sees {state.num_processes}")
         _sigterm_unwinds()
+        end_process_group_at_exit()
         return cls(state, timeout_s)
 
     @property
@@ -158,6 +160,21 @@ class ProcessGroup:
                 f"within {self.timeout_s:g} s (set {TIMEOUT_ENV} to wait longer); "
                 f"rerun (with --skip-existing for score) to finish ({' '.join(str(err).split())[:200]})"
             ) from None
+
+
+def end_process_group_at_exit() -> None:
+    """Destroy the launch's process group when the interpreter exits, while it is still whole.
+    Left to finalisation, gloo's worker threads can still hold work and the process aborts
+    (SIGABRT, "terminate called without an active exception"), which the launcher reports as
+    a failed run although every output was written (pytorch/pytorch PR 179291 describes it)."""
+    atexit.register(_end_process_group)  # registering twice is harmless: the second call finds none
+
+
+def _end_process_group() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def torch_barrier() -> None:

@@ -13,6 +13,7 @@ from decodiff_cli import console
 from decodiff_cli.cli.common import DEVICE_OPT, friendly_errors
 from decodiff_cli.console import EXIT_CODES_HELP, EXIT_INPUTS_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from decodiff_cli.config import ALIGNED_BELOW
+from decodiff_cli.distributed import end_process_group_at_exit
 from decodiff_cli.presets import PRESETS, build_config, read_config_file
 from decodiff_cli.progress import FitProgress
 
@@ -92,6 +93,7 @@ def fit(
         except TrainingInterrupted as stop:
             console.error(f"{stop}")
             raise typer.Exit(EXIT_INTERRUPTED)
+    end_process_group_at_exit()
     if not result.is_main_process:  # the other ranks of `accelerate launch`: one summary is enough
         raise typer.Exit(EXIT_OK)
     console.info(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; bundle: {console.escape(str(result.bundle))}")
