@@ -59,7 +59,7 @@ def test_a_one_pixel_defect_keeps_its_full_distance_in_the_one_pixel_window():
     assert torch.allclose(nearest_distance(test, alone)[0, 0], nearest_distance(test, bank[:, :4])[0, 0])
 
 
-def test_further_windows_count_only_beyond_the_normal_range():
+def test_further_windows_add_what_they_have_beyond_the_normal_range():
     from decodiff_cli.anomaly_map import novelty_discrepancy
 
     distances = torch.tensor([0.5, 0.9, 1.5, 3.0]).view(1, 1, 1, 4)
