@@ -34,7 +34,7 @@ def fit(
     data: List[str] = typer.Argument(..., help="Folders of normal images (folder name = class), image files, globs, or an MVTec AD / VisA root.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
     preset: str = typer.Option("cpu", "--preset", help=f"Starting settings: {', '.join(PRESETS)}."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML (or YAML) file whose keys are these options; command-line values win."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML (or YAML) file whose keys are these options, plus training and map keys only a file sets (docs/commands.md); command-line values win."),
     autoencoder: Optional[str] = typer.Option(None, "--autoencoder", help="taef2 (packaged, the default; paper preset: stabilityai/sd-vae-ft-ema), pixel (no weights), a hub id, a diffusers folder, a TAESD-family folder (*_encoder.pth/*_decoder.pth) or .safetensors file."),
     model_size: Optional[str] = typer.Option(None, "--model-size", help="Denoiser size: tiny, xs (default), s, m, l, xl."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="auto (default): a 256x256 square, or for images elongated beyond 3:2 their own ratio at about the same pixels (1600x400 -> 512x128); a number: that square; WxH: resized whole to W x H, no crop."),
