@@ -22,12 +22,7 @@ def fit_scaling(latents: torch.Tensor, kind: str = "channel", factor: float = 1.
         return LatentScaling(kind=kind, factor=factor if kind == "factor" else 1.0)
     flat = latents.transpose(0, 1).reshape(latents.shape[1], -1).double()
     std = flat.std(dim=1).clamp(min=1e-6)  # a dead channel must not divide by zero
-    if GLOBAL_STD:  # one-off ablation: per-channel means, one pooled spread for every channel
-        std = std.pow(2).mean().sqrt().expand_as(std)
     return LatentScaling(kind="channel", mean=flat.mean(dim=1).tolist(), std=std.tolist())
-
-
-GLOBAL_STD = True  # one-off ablation (issue 22): reverted in the next commit
 
 
 class LatentScaler:
