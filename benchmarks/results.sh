@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's results table: 1,000-step fits with the default settings on the two real sets
-# in ../shared (bottle and magnetic tile, per category and one unified model), then the
-# benchmarks, and the trivial mean-latent baseline. Steps, not minutes, so that the figures
+# in ../shared (bottle and magnetic tile, per category; and one unified model, which the
+# results page reports), then the benchmarks, and the trivial mean-latent baseline. Steps, not minutes, so that the figures
 # do not depend on the CPU (1,000 steps: about what 30 minutes buy on 2 cores). About
 # 2.5 hours on 2 cores: the two per-category fits run side by side, one thread each, then the
 # unified fit on every core.
