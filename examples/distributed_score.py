@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import torch
@@ -48,8 +49,15 @@ def main(bundle: str, paths_file: str, out: str) -> None:
             with open(out, "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
     finally:  # left to the interpreter's exit, gloo can abort the process (SIGABRT) after the work is done
-        if torch.distributed.is_initialized():
+        distributed = torch.distributed.is_initialized()
+        if distributed:
             torch.distributed.destroy_process_group()
+    if distributed:
+        # Even destroyed, a gloo thread can still abort the interpreter's finalisation
+        # (pytorch/pytorch#190489). The work succeeded and its file is closed: skip that.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
