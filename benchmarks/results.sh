@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The README's results table: 1,000-step fits with the default settings on the two real sets
 # in ../shared (bottle and magnetic tile, per category; and one unified model, which the
-# results page reports), then the benchmarks, and the trivial mean-latent baseline. Steps, not minutes, so that the figures
-# do not depend on the CPU (1,000 steps: about what 30 minutes buy on 2 cores). About
-# 2.5 hours on 2 cores: the two per-category fits run side by side, one thread each, then the
-# unified fit on every core.
-# Outputs land in ${1:-results/}.
+# results page reports), then the benchmarks, and the trivial mean-latent baseline. Steps,
+# not minutes, so that the figures do not depend on the CPU (1,000 steps: about what 30
+# minutes buy on 2 cores). About 2.5 hours on 2 cores: the two per-category fits side by
+# side, one thread each, then the unified fit on every core. Outputs land in ${1:-results/}.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 data="${DECODIFF_SHARED:-$here/../shared}/data"
