@@ -320,3 +320,31 @@ def test_a_group_of_one_is_the_identity_and_the_timeout_is_checked(monkeypatch):
         monkeypatch.setenv("DECODIFF_DIST_TIMEOUT", bad)
         with pytest.raises(ValueError, match="DECODIFF_DIST_TIMEOUT"):
             timeout_seconds()
+
+
+@pytest.mark.parametrize("world_size, argv, left", [
+    ("2", ["--version"], [0]),  # launched, succeeded: leaves at once, past the interpreter's finalisation
+    ("2", ["info", "no-such-bundle"], []),  # launched, failed: exits the usual way with its code
+    ("1", ["--version"], []),  # not launched: the usual way
+])
+def test_the_command_skips_finalisation_only_after_a_launched_success(monkeypatch, tmp_path, world_size, argv, left):
+    from decodiff_cli.cli import main
+
+    class Left(Exception):
+        pass
+
+    exits = []
+
+    def leave(code):
+        exits.append(code)
+        raise Left
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(os, "_exit", leave)
+    monkeypatch.setattr(sys, "argv", ["decodiff", *argv])
+    with pytest.raises(Left if left else SystemExit) as done:
+        main()
+    assert exits == left
+    if not left:
+        assert (done.value.code not in (None, 0)) == (argv[0] == "info")

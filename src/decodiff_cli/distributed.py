@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import sys
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -168,6 +169,19 @@ def end_process_group_at_exit() -> None:
     (SIGABRT, "terminate called without an active exception"), which the launcher reports as
     a failed run although every output was written (pytorch/pytorch PR 179291 describes it)."""
     atexit.register(_end_process_group)  # registering twice is harmless: the second call finds none
+
+
+def leave_launch(code: object) -> None:
+    """Called as a command exits with ``code``: inside a launch, after a success, end the
+    process group and leave at once. Even destroyed, gloo can abort the interpreter's
+    finalisation (pytorch/pytorch#190489) after every output is written and closed; a
+    failure takes the usual path, where the launcher stops the other processes anyway."""
+    if code not in (None, 0) or not launched():
+        return
+    _end_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _end_process_group() -> None:

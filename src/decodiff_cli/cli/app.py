@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from decodiff_cli import __version__, console
+from decodiff_cli import __version__, console, distributed
 from decodiff_cli.cli import benchmark, fit, score
 from decodiff_cli.console import EXIT_CODES_HELP
 
@@ -49,4 +49,8 @@ app.command("benchmark", epilog=benchmark.BENCHMARK_EPILOG)(benchmark.benchmark)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as done:  # the app always ends this way: click's standalone mode
+        distributed.leave_launch(done.code)  # returns unless a launched command succeeded
+        raise
