@@ -143,7 +143,8 @@ def test_cpu_preset_differs_from_the_method_defaults_only_where_measured():
     assert cpu.preprocess.auto_shape and not method.preprocess.auto_shape
     assert (cpu.train.shuffle_ratio_max, method.train.shuffle_ratio_max) == (0.8, 0.3)
     assert (cpu.train.mask_ratio_max, method.train.mask_ratio_max) == (0.9, 0.7)
-    cpu.correction, cpu.preprocess.auto_shape = method.correction, False
+    assert (cpu.latent_scaling.kind, method.latent_scaling.kind) == ("pooled", "channel")
+    cpu.correction, cpu.preprocess.auto_shape, cpu.latent_scaling = method.correction, False, method.latent_scaling
     cpu.train.shuffle_ratio_max, cpu.train.mask_ratio_max = method.train.shuffle_ratio_max, method.train.mask_ratio_max
     cpu.anomaly_map.combine, cpu.denoiser.attention = method.anomaly_map.combine, method.denoiser.attention
     cpu.anomaly_map.reference, cpu.anomaly_map.features = method.anomaly_map.reference, method.anomaly_map.features
@@ -204,6 +205,14 @@ def test_read_toml_config_file(tmp_path):
     assert values == {"preset": "paper", "image_size": 384, "model_size": "s", "batch_size": 8, "hflip": True}
     cfg = build_config(values.pop("preset"), values)
     assert (cfg.preprocess.image_size, cfg.preprocess.resize, cfg.denoiser.size, cfg.train.batch_size) == (384, 432, "s", 8)
+
+
+def test_latent_scaling_from_a_config_file(tmp_path):
+    f = tmp_path / "fit.toml"
+    f.write_text('latent_scaling = "channel"\n')
+    assert build_config("cpu", read_config_file(f)).latent_scaling.kind == "channel"
+    with pytest.raises(ValueError, match="latent_scaling must be one of channel, pooled"):
+        build_config("cpu", {"latent_scaling": "per-pixel"})
 
 
 def test_toml_unknown_key_is_an_error(tmp_path):
@@ -273,3 +282,19 @@ def test_inference_dtype_auto_follows_the_hardware(monkeypatch):
     assert model("auto").dtype == "fp32"
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         model("fp8")
+
+
+def test_pooled_scaling_keeps_each_channels_mean_and_shares_one_spread():
+    from decodiff_cli.latents import LatentScaler, fit_scaling
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(6, 3, 4, 5, generator=g) * torch.tensor([0.5, 1.0, 3.0]).view(1, 3, 1, 1) + torch.tensor([1.0, -2.0, 0.0]).view(1, 3, 1, 1)
+    own, pooled = fit_scaling(raw, "channel"), fit_scaling(raw, "pooled")
+    assert pooled.kind == "pooled" and pooled.mean == own.mean
+    assert pooled.std == pytest.approx([(sum(s**2 for s in own.std) / 3) ** 0.5] * 3)
+    z = LatentScaler(pooled).normalize(raw)
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # each channel centred
+    assert z.transpose(0, 1).flatten(1).var(dim=1).mean() == pytest.approx(1.0, abs=1e-5)  # unit on average, not each
+    assert torch.allclose(LatentScaler(pooled).denormalize(z), raw, atol=1e-5)
+    back = ModelConfig.from_dict(dataclasses.replace(ModelConfig(), latent_scaling=pooled).to_dict())
+    assert back.latent_scaling == pooled

@@ -137,7 +137,7 @@ class MapConfig:
     pixel_scale: str = "unit"
     pixel_sigma: float = 3.0  # Gaussian blur, in pixels of the model's input
     latent_clip: float = 0.5  # 0.2 in the paper, for SD-VAE latents * 0.18215; ours are
-    # standardised per channel (unit variance), where 0.2 saturates on normal texture.
+    # standardised (unit variance), where 0.2 saturates on normal texture.
     latent_sigma: float = 1.0  # in latent pixels
     # Beyond the paper: "position" turns the latent discrepancy into a z-score against its
     # per-position mean and spread on normal training images (stored in the bundle), so
@@ -225,7 +225,9 @@ class MapConfig:
 class LatentScaling:
     """How raw autoencoder latents are brought to roughly unit scale."""
 
-    kind: str = "channel"  # channel (per-channel mean/std of training latents) | factor | none
+    # channel: each channel's mean and spread over the training latents; pooled: each
+    # channel's mean, one spread for all (the root mean channel variance); factor | none
+    kind: str = "channel"
     factor: float = 1.0
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
@@ -243,6 +245,7 @@ class AutoencoderConfig:
 
 
 PREDICTIONS = ("deviation", "clean")  # DenoiserConfig.prediction
+LATENT_SCALINGS = ("channel", "pooled", "factor", "none")  # LatentScaling.kind
 
 
 @dataclass

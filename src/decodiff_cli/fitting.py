@@ -33,7 +33,7 @@ from decodiff_cli.datasets import find_mask
 from decodiff_cli.denoiser import LATENT_MULTIPLE
 from decodiff_cli.images import ImageReadError, image_size, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
-from decodiff_cli.latents import LatentScaler, fit_scaling
+from decodiff_cli.latents import STANDARDISED, LatentScaler, fit_scaling
 from decodiff_cli.novelty import normal_bank, novelty_scale
 from decodiff_cli.progress import NO_PROGRESS, FitProgress
 
@@ -214,7 +214,7 @@ def normal_latents(cache, labels: list[int], categories: list[str], scaler: Late
 def measure_scaling(cache, scaling: LatentScaling) -> LatentScaling:
     """The latent scaling's statistics, from the first view of every training image
     (a "factor" scaling that already has them is kept)."""
-    if scaling.kind != "channel" and scaling.mean:
+    if scaling.kind not in STANDARDISED and scaling.mean:
         return scaling
     # np.array copies: a read-only memmap slice handed to torch.from_numpy warns.
     first_views = torch.from_numpy(np.array(cache.latents[:, 0])).float() if cache.on_disk else cache.latents[:, 0].float()
