@@ -11,14 +11,13 @@ import torch
 
 from decodiff_cli.config import LATENT_SCALINGS, LatentScaling
 
-KINDS = LATENT_SCALINGS
 STANDARDISED = ("channel", "pooled")  # each channel's mean; its own spread, or one pooled spread
 
 
 def fit_scaling(latents: torch.Tensor, kind: str = "channel", factor: float = 1.0) -> LatentScaling:
     """latents: (N, C, h, w) raw training latents."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown latent scaling {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind not in LATENT_SCALINGS:
+        raise ValueError(f"unknown latent scaling {kind!r}; choose one of {', '.join(LATENT_SCALINGS)}")
     if kind not in STANDARDISED:
         return LatentScaling(kind=kind, factor=factor if kind == "factor" else 1.0)
     flat = latents.transpose(0, 1).reshape(latents.shape[1], -1).double()
