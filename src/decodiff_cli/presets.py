@@ -10,10 +10,10 @@ from decodiff_cli.config import (
     AutoencoderConfig,
     CorrectionConfig,
     DenoiserConfig,
+    LATENT_SCALINGS,
     LatentScaling,
     MapConfig,
     ModelConfig,
-    LATENT_SCALINGS,
     PREDICTIONS,
     PreprocessConfig,
     TrainConfig,
@@ -42,8 +42,8 @@ def _cpu() -> ModelConfig:
         # shuffled patches", "The share of noised patches").
         train=TrainConfig(shuffle_ratio_max=0.8, mask_ratio_max=0.9),
         # One spread for all 32 TAEF2 channels, not one each (they differ up to 3.3x): at 1,000
-        # steps the mix and the correction alone gain on both sets (docs/results.md, "One spread
-        # for every latent channel").
+        # steps the mix and the correction alone gain on both sets (docs/results.md, "One pooled
+        # latent spread at 1,000 steps").
         latent_scaling=LatentScaling(kind="pooled"),
     )
 
