@@ -141,7 +141,7 @@ def test_cpu_preset_differs_from_the_method_defaults_only_where_measured():
     assert (cpu.anomaly_map.score_top_fraction, method.anomaly_map.score_top_fraction) == (0.01, 0.0)  # 0: the maximum
     assert cpu.correction.timesteps() == [8, 0] and method.correction.timesteps() == [8, 6, 4, 2, 0]
     assert cpu.preprocess.auto_shape and not method.preprocess.auto_shape
-    assert (cpu.train.shuffle_ratio_max, method.train.shuffle_ratio_max) == (0.8, 0.3)
+    assert (cpu.train.shuffle_ratio_max, method.train.shuffle_ratio_max) == (1.0, 0.3)
     assert (cpu.train.mask_ratio_max, method.train.mask_ratio_max) == (0.9, 0.7)
     assert (cpu.latent_scaling.kind, method.latent_scaling.kind) == ("pooled", "channel")
     cpu.correction, cpu.preprocess.auto_shape, cpu.latent_scaling = method.correction, False, method.latent_scaling

@@ -36,11 +36,11 @@ def _cpu() -> ModelConfig:
         # Two model calls (t = 8, 0) instead of five: within .001 of five on every metric on
         # the same weights, 0.24 s less per image on one CPU thread (docs/results.md).
         correction=CorrectionConfig(num_calls=2),
-        # Up to 80% (not 30%) of the noised patches filled with another place's latent patch,
-        # and up to 90% (not 70%) of the patches noised: at 150 steps each gains the correction
-        # map alone on both sets, the mix within .003 or better (docs/results.md, "The share of
-        # shuffled patches", "The share of noised patches").
-        train=TrainConfig(shuffle_ratio_max=0.8, mask_ratio_max=0.9),
+        # Up to all (not 30%) of the noised patches filled with another place's latent patch,
+        # and up to 90% (not 70%) of the patches noised: each gains the correction map alone
+        # on both sets (docs/results.md, "Every noised patch shuffled at 1,000 steps", "The
+        # share of noised patches").
+        train=TrainConfig(shuffle_ratio_max=1.0, mask_ratio_max=0.9),
         # One spread for all 32 TAEF2 channels, not one each (they differ up to 3.3x): at 1,000
         # steps the mix and the correction alone gain on both sets (docs/results.md, "One pooled
         # latent spread at 1,000 steps").
