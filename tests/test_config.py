@@ -138,6 +138,7 @@ def test_cpu_preset_differs_from_the_method_defaults_only_where_measured():
     assert cpu.anomaly_map.features and not method.anomaly_map.features
     assert cpu.anomaly_map.novelty and not method.anomaly_map.novelty
     assert (cpu.anomaly_map.novelty_weight, method.anomaly_map.novelty_weight) == (pytest.approx(2 / 3), 0.5)
+    assert cpu.anomaly_map.novelty_positions and not method.anomaly_map.novelty_positions
     assert (cpu.anomaly_map.score_top_fraction, method.anomaly_map.score_top_fraction) == (0.01, 0.0)  # 0: the maximum
     assert cpu.correction.timesteps() == [8, 0] and method.correction.timesteps() == [8, 6, 4, 2, 0]
     assert cpu.preprocess.auto_shape and not method.preprocess.auto_shape
@@ -149,6 +150,7 @@ def test_cpu_preset_differs_from_the_method_defaults_only_where_measured():
     cpu.anomaly_map.combine, cpu.denoiser.attention = method.anomaly_map.combine, method.denoiser.attention
     cpu.anomaly_map.reference, cpu.anomaly_map.features = method.anomaly_map.reference, method.anomaly_map.features
     cpu.anomaly_map.novelty, cpu.anomaly_map.novelty_weight = method.anomaly_map.novelty, method.anomaly_map.novelty_weight
+    cpu.anomaly_map.novelty_positions = method.anomaly_map.novelty_positions
     cpu.anomaly_map.score_top_fraction = method.anomaly_map.score_top_fraction
     assert cpu == method
     assert set(PRESETS) == {"cpu", "paper"}

@@ -278,3 +278,67 @@ def test_a_model_with_two_windows_fits_and_scores(invoke, tmp_path, category_dir
     predictions = list(Detector.load(tmp_path / "model", device="cpu").predict(test_images[:2]))
     assert all(p.error is None and 0 <= p.score <= 1 for p in predictions)
     assert "windows [3, 1]" in " ".join(invoke("info", tmp_path / "model").stdout.split())
+
+
+def test_a_hole_that_matches_normal_texture_elsewhere_stands_out_at_its_own_position():
+    from decodiff_cli.novelty import position_distance, position_scale, position_statistics
+
+    latents = _texture(8)
+    latents[:, :, 0, 0] = -2.0  # every normal image has a dark corner
+    test = _texture(1, seed=9)
+    test[0, :, 0, 0] = -2.0
+    test[0, :, 4, 4] = -2.0  # the same dark vector in the middle: a hole
+    bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(8), size=512, windows=[1])
+    anywhere = nearest_distance(test, bank, windows=[1])[0, 0] / novelty_scale(latents, torch.arange(8), bank, owner, [1])
+    statistics = position_statistics(lambda rows: latents[rows], torch.arange(8))
+    assert statistics.shape == (2, 4, 8, 8) and torch.allclose(statistics[0], latents.mean(dim=0))
+    at_place = position_distance(test, statistics)[0] / position_scale(latents, statistics, 8)
+    assert anywhere[4, 4] < 1.5  # the nearest normal vector, in the corner, is close: not novel
+    assert at_place[4, 4] == at_place.max() and at_place[4, 4] > 3  # far from what is normal there
+    assert at_place[0, 0] < 1  # the dark corner is normal in its place
+
+
+def test_the_positions_unit_leaves_each_image_out_of_the_mean():
+    from decodiff_cli.novelty import position_distance, position_scale, position_statistics
+
+    latents = _texture(2)
+    statistics = position_statistics(lambda rows: latents[rows], torch.arange(2))
+    swapped = position_distance(latents, statistics, mean=latents.flip(0))  # each against the other image
+    assert position_scale(latents, statistics, 2) == pytest.approx(float(torch.quantile(swapped.flatten(), 0.99)), rel=1e-5)
+    assert position_scale(latents, statistics, 2) > float(torch.quantile(position_distance(latents, statistics).flatten(), 0.99))
+    with pytest.raises(ValueError, match="position statistics are for"):
+        position_distance(latents[:, :, :4], statistics)
+
+
+def test_a_model_with_the_positions_fits_stores_them_and_scores(invoke, tmp_path, category_dir, test_images):
+    import shutil
+
+    from decodiff_cli import bundle as bundle_mod
+    from decodiff_cli.fitting import fit
+    from decodiff_cli.inputs import find_training_images
+
+    assert build_config("cpu", {}).anomaly_map.novelty_positions  # the default
+    assert not build_config("cpu", {"novelty_positions": False}).anomaly_map.novelty_positions
+    with pytest.raises(ValueError, match="novelty_clip must be above 1"):
+        MapConfig(novelty=True, novelty_positions=True, novelty_clip=1.0).validate()
+    images, _ = find_training_images([str(category_dir)])
+    cfg = tiny_config(max_steps=2)
+    cfg.anomaly_map = MapConfig(combine="arithmetic", novelty=True, novelty_bank=100, novelty_positions=True)
+    fit(images, tmp_path / "model", cfg)
+    bundle = read_bundle(tmp_path / "model")
+    scales = bundle.config.measured.novelty_scales[CATEGORY]
+    assert len(scales) == 2 and all(s > 0 for s in scales)
+    stored = load_normal_latents(bundle)[f"{CATEGORY}/positions"]
+    c = bundle.config.denoiser.latent_channels
+    assert stored.shape[:2] == (2, c) and tuple(stored.shape[2:]) == bundle.config.denoiser.latent_shape
+    detector = Detector.load(tmp_path / "model", device="cpu")
+    with_positions = list(detector.predict(test_images[:2]))
+    assert all(p.error is None and 0 <= p.score <= 1 for p in with_positions)
+    assert "and at each position" in " ".join(invoke("info", tmp_path / "model").stdout.split())
+    # without its statistics the bundle is refused, with the file named
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "model", copy)
+    banks = bundle_mod.load_state(copy / NORMAL_LATENTS)
+    bundle_mod._save_tensors(copy / NORMAL_LATENTS, {CATEGORY: banks[CATEGORY]})
+    with pytest.raises(BundleError, match=f"{CATEGORY}/positions"):
+        load_normal_latents(read_bundle(copy, verify=False))

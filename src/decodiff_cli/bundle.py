@@ -8,7 +8,8 @@
     normal_reference.safetensors  per-class statistics of the correction on normal images
                              (only with the map's `reference` option)
     normal_latents.safetensors    per class, normal latent neighbourhood vectors (only
-                             with the map's `novelty` term)
+                             with the map's `novelty` term), and its per-position
+                             statistics (with `novelty_positions`)
     training_log.jsonl       one JSON object per logged training step
     checksums.json           sha256 of every file above; verified on load
 
@@ -219,7 +220,8 @@ def load_reference(bundle: Bundle) -> torch.Tensor | None:
 
 
 def load_normal_latents(bundle: Bundle) -> dict[str, torch.Tensor] | None:
-    """Per class name, the (M, C) normal latent vectors of the map's novelty term."""
+    """Per class name, the (M, C) normal latent vectors of the map's novelty term, and under
+    "<name>/positions" its (2, C, h, w) per-position statistics when the map uses them."""
     cfg = bundle.config
     if not cfg.anomaly_map.novelty:
         return None
@@ -232,7 +234,15 @@ def load_normal_latents(bundle: Bundle) -> dict[str, torch.Tensor] | None:
              if name not in banks or banks[name].ndim != 2 or banks[name].shape[1] != channels]
     if wrong:
         raise BundleError(f"{file}: expected a (vectors, {channels}) tensor for each of {', '.join(wrong)}")
-    return {name: banks[name].float() for name in cfg.categories}
+    keys = list(cfg.categories)
+    if cfg.anomaly_map.novelty_positions:
+        keys += [f"{name}/positions" for name in cfg.categories]
+        c = cfg.denoiser.latent_channels
+        wrong = [key for key in keys[len(cfg.categories):]
+                 if key not in banks or banks[key].ndim != 4 or tuple(banks[key].shape[:2]) != (2, c)]
+        if wrong:
+            raise BundleError(f"{file}: expected a (2, {c}, h, w) tensor for each of {', '.join(wrong)}")
+    return {key: banks[key].float() for key in keys}
 
 
 def write_calibration(path: Path, calibration: dict[str, Any]) -> None:

@@ -178,6 +178,11 @@ class MapConfig:
     # it has beyond its normal range (anomaly_map.novelty_discrepancy). 1 after 3: a defect of
     # one latent pixel, which the 3x3 average dilutes ninefold, keeps its full distance.
     novelty_windows: list[int] = field(default_factory=lambda: [3])
+    # Also each single latent vector against the normal mean and spread at its own position
+    # (novelty.position_statistics), adding what it has beyond its normal range like a further
+    # window: sharp on defects of a latent pixel or two that look like normal texture found
+    # elsewhere (docs/results.md, "The normal latent at each position").
+    novelty_positions: bool = False
     # Beyond the paper: the image score is the mean of the map over its highest
     # ``score_top_fraction`` of pixels; 0 is the map's maximum (the paper's). A mean over
     # an area is steadier than one pixel, and sees defects that are large but faint.
@@ -213,8 +218,9 @@ class MapConfig:
         windows = self.novelty_windows
         if not windows or len(set(windows)) != len(windows) or any(int(k) != k or k < 1 or k % 2 == 0 for k in windows):
             raise ValueError(f"novelty_windows must be distinct odd window sizes (1, 3, 5...), not {windows}")
-        if len(windows) > 1 and self.novelty_clip <= 1:
-            raise ValueError(f"novelty_clip must be above 1 (the normal range) with several windows, not {self.novelty_clip}")
+        if (len(windows) > 1 or self.novelty_positions) and self.novelty_clip <= 1:
+            raise ValueError(f"novelty_clip must be above 1 (the normal range) with several windows or novelty_positions, "
+                             f"not {self.novelty_clip}")
         if not 0 <= self.novelty_weight <= 1:
             raise ValueError(f"--novelty-weight must be between 0 and 1, not {self.novelty_weight}")
         if not 0 <= self.score_top_fraction < 1:

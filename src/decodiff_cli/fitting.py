@@ -34,7 +34,7 @@ from decodiff_cli.denoiser import LATENT_MULTIPLE
 from decodiff_cli.images import ImageReadError, image_size, load_image, read_image
 from decodiff_cli.latent_cache import build_cache, cache_key
 from decodiff_cli.latents import STANDARDISED, LatentScaler, fit_scaling
-from decodiff_cli.novelty import normal_bank, novelty_scale
+from decodiff_cli.novelty import normal_bank, novelty_scale, position_scale, position_statistics
 from decodiff_cli.progress import NO_PROGRESS, FitProgress
 
 MIN_IMAGES = 4  # per category: at least 3 to train on and 1 to calibrate with
@@ -107,7 +107,8 @@ def after_training_seconds(cfg: ModelConfig, autoencoder, device, holdout: dict[
     map_cfg.reference = "none"  # statistics not measured yet; the z-score costs nothing extra
     levels = len(autoencoder.feature_stages()[: map_cfg.feature_levels or None])
     timing.measured.feature_scales = {name: [1.0] * levels for name in categories}
-    timing.measured.novelty_scales = {name: 1.0 for name in categories}
+    timing.measured.novelty_scales = {name: [1.0] * (len(map_cfg.novelty_windows) + map_cfg.novelty_positions)
+                                      for name in categories}
     denoiser = Denoiser(timing.denoiser)
     model = DecoDiffModel(timing, autoencoder, denoiser, device, normal_latents=banks)
     items = [(categories.index(name), path) for name, paths in sorted(holdout.items()) for path in paths]
@@ -194,20 +195,30 @@ def normal_statistics(model, cache, labels: list[int], categories: list[str]) ->
     return (torch.stack(references) if use_reference else None), scales
 
 
-def normal_latents(cache, labels: list[int], categories: list[str], scaler: LatentScaler,
-                   size: int, windows: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, float | list[float]]]:
+def normal_latents(cache, labels: list[int], categories: list[str], scaler: LatentScaler, size: int, windows: list[int],
+                   positions: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float | list[float]]]:
     """The novelty term's normal statistics, per class: its bank of up to ``size`` normal
     latent vectors, drawn from all its training images (first view), and the unit of its distances,
-    measured on up to REFERENCE_IMAGES of them (novelty.novelty_scale)."""
+    measured on up to REFERENCE_IMAGES of them (novelty.novelty_scale). With ``positions``, also
+    the class's per-position statistics (key "<class>/positions") and their unit, the last one."""
     banks, scales = {}, {}
     label_tensor = torch.tensor(labels)
+
+    def first_views(rows: torch.Tensor) -> torch.Tensor:
+        return _first_views(cache, rows, scaler)
+
     for index, name in enumerate(categories):
         images = (label_tensor == index).nonzero()[:, 0]
-        bank, owner = normal_bank(lambda rows: _first_views(cache, rows, scaler), images, size, windows=windows)
+        bank, owner = normal_bank(first_views, images, size, windows=windows)
         rows = _spread_rows(labels, index)
+        latents = first_views(rows)
         banks[name] = bank
-        scale = novelty_scale(_first_views(cache, rows, scaler), rows, bank, owner, windows)
-        scales[name] = [round(x, 6) for x in scale] if isinstance(scale, list) else round(scale, 6)
+        scale = novelty_scale(latents, rows, bank, owner, windows)
+        units = scale if isinstance(scale, list) else [scale]
+        if positions:
+            banks[f"{name}/positions"] = statistics = position_statistics(first_views, images)
+            units = units + [position_scale(latents, statistics, len(images))]
+        scales[name] = round(units[0], 6) if len(units) == 1 else [round(x, 6) for x in units]
     return banks, scales
 
 
@@ -427,7 +438,7 @@ def fit(
         report.novelty(images=len(labels))
         scaler = LatentScaler(cfg.latent_scaling)
         banks, cfg.measured.novelty_scales = normal_latents(cache, labels, categories, scaler, cfg.anomaly_map.novelty_bank,
-                                                           cfg.anomaly_map.novelty_windows)
+                                                           cfg.anomaly_map.novelty_windows, cfg.anomaly_map.novelty_positions)
     labelled = load_anomalous(anomalous or [], cfg, categories, skip) if main else {}
     after_s = 0.0
     if main and cfg.train.time_budget_minutes > 0:

@@ -21,7 +21,7 @@ from decodiff_cli.config import ModelConfig
 from decodiff_cli.denoiser import Denoiser
 from decodiff_cli.deviation import alpha_bars, as_deviation, correct
 from decodiff_cli.latents import LatentScaler
-from decodiff_cli.novelty import nearest_distance
+from decodiff_cli.novelty import nearest_distance, position_distance
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,7 +103,8 @@ class DecoDiffModel:
         self.scaler = LatentScaler(cfg.latent_scaling)
         self.abar = alpha_bars(cfg.schedule.num_timesteps, cfg.schedule.kind)
         self.reference = reference  # (classes, 2, h, w): see anomaly_map.normal_reference
-        # per class name, (M, C) neighbourhood vectors of normal latents: see novelty.normal_bank
+        # per class name, (M, C) neighbourhood vectors of normal latents (novelty.normal_bank), and
+        # under "<name>/positions" its (2, C, h, w) per-position statistics (novelty.position_statistics)
         self.normal_latents = {name: bank.to(self.device, torch.float32) for name, bank in (normal_latents or {}).items()}
 
     def _autocast(self):
@@ -200,23 +201,29 @@ class DecoDiffModel:
         return table[rows].to(self.device)
 
     def _novelty(self, z0: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """(N, windows, h, w): each place's distance to the nearest normal latent of its image's
-        class, in units of that class's normal scale (None when the map has no novelty term)."""
+        """(N, windows [+ 1], h, w): each place's distance to the nearest normal latent of its
+        image's class per window, then (``novelty_positions``) to the normal latent at its own
+        position, in units of that class's normal scales (None when the map has no novelty term)."""
         if not self.cfg.anomaly_map.novelty:
             return None
         names, scales = self.cfg.categories, self.cfg.measured.novelty_scales
-        missing = [name for name in names if name not in self.normal_latents or name not in scales]
+        windows, positions = self.cfg.anomaly_map.novelty_windows, self.cfg.anomaly_map.novelty_positions
+        missing = [name for name in names if name not in self.normal_latents or name not in scales
+                   or (positions and f"{name}/positions" not in self.normal_latents)]
         if missing or not names:
             raise ValueError(f"the map's novelty term has no normal latents for {', '.join(missing) or 'this model'}: "
                              "they are stored at fit time")
         rows = torch.zeros(len(z0), dtype=torch.long) if class_ids is None else class_ids.cpu()
-        windows = self.cfg.anomaly_map.novelty_windows
-        out = torch.empty(len(z0), len(windows), *z0.shape[-2:], device=z0.device)
+        out = torch.empty(len(z0), len(windows) + positions, *z0.shape[-2:], device=z0.device)
         for index in rows.unique().tolist():
             chosen = (rows == index).to(z0.device)
             name = names[index]
             unit = torch.tensor(scales[name], dtype=torch.float32, device=z0.device).view(1, -1, 1, 1)
-            out[chosen] = nearest_distance(z0[chosen], self.normal_latents[name], windows=windows) / unit
+            distances = nearest_distance(z0[chosen], self.normal_latents[name], windows=windows)
+            if positions:
+                at_place = position_distance(z0[chosen], self.normal_latents[f"{name}/positions"])
+                distances = torch.cat([distances, at_place[:, None]], dim=1)
+            out[chosen] = distances / unit
         return out
 
     @torch.inference_mode()

@@ -10,6 +10,11 @@ and one noisy vector does not decide. Further windows (``MapConfig.novelty_windo
 own, against their part of the same bank vectors. Distances are in units of their 99th
 percentile on normal training images (each compared with the other images), like the
 feature term.
+
+The nearest normal vector may come from anywhere, so a dark hole next to a dark normal
+spot elsewhere looks normal. ``MapConfig.novelty_positions`` adds a place-bound view: each
+single latent vector against the normal mean and spread at its own position
+(``position_statistics``), which sees a one-pixel hole where the 3x3 average does not.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch.nn import functional as F
+
+from decodiff_cli.anomaly_map import gaussian_blur
 
 DISTANCES_PER_CHUNK = 2**24  # query x bank distances computed at once: 64 MiB of floats
 BANK_BLOCK_CPU = 512  # bank vectors per distance block on a CPU: 1,024 queries x 512 = 2 MiB
@@ -31,6 +38,45 @@ def neighbourhood(z: torch.Tensor, windows: Sequence[int] = (3,)) -> torch.Tenso
     z = z.float()
     return torch.cat([z if k == 1 else F.avg_pool2d(F.pad(z, (k // 2,) * 4, mode="replicate"), k, stride=1)
                       for k in windows], dim=1)
+
+
+def position_statistics(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """The normal images ``images`` (N,) ids, read in groups through ``latents_of`` -> (2, C, h, w):
+    the mean latent at each position and its spread across the images, blurred a little (a
+    few hundred images give noisy per-position statistics) and floored by its mean over all
+    channels and positions, so that places that never vary do not explode."""
+    total = squares = None
+    for ids in images.split(64):
+        z = latents_of(ids).float()
+        total = z.sum(dim=0) if total is None else total + z.sum(dim=0)
+        squares = z.pow(2).sum(dim=0) if squares is None else squares + z.pow(2).sum(dim=0)
+    n = len(images)
+    mean = total / n
+    spread = ((squares - n * mean.pow(2)).clamp_min(0) / max(n - 1, 1)).sqrt()
+    spread = gaussian_blur(spread[:, None], 1.0)[:, 0]
+    return torch.stack([mean, spread + spread.mean() + 1e-6])
+
+
+def position_distance(z: torch.Tensor, statistics: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C, h, w) latents -> (N, h, w): each vector's root mean square deviation from the
+    normal mean at its position, in units of the normal spread there (``position_statistics``).
+    ``mean`` (N, C, h, w), when given, replaces the stored mean (a normal image left out of it)."""
+    if tuple(z.shape[1:]) != tuple(statistics.shape[1:]):
+        raise ValueError(f"the normal position statistics are for {tuple(statistics.shape[1:])} latents, "
+                         f"these are {tuple(z.shape[1:])}")
+    centre = statistics[0] if mean is None else mean
+    return ((z.float() - centre) / statistics[1]).pow(2).mean(dim=1).sqrt()
+
+
+def position_scale(latents: torch.Tensor, statistics: torch.Tensor, images: int) -> float:
+    """The 99th percentile of ``position_distance`` over (n, C, h, w) normal latents that
+    are among the ``images`` the statistics were measured on, each against the mean without
+    itself (as ``novelty_scale`` leaves each image's own bank vectors out)."""
+    mean = statistics[0]
+    if images > 1:
+        mean = (images * mean - latents.float()) / (images - 1)
+    distances = position_distance(latents, statistics, mean)
+    return max(float(torch.quantile(distances.flatten()[:2**24], 0.99)), 1e-6)
 
 
 def _vectors(z: torch.Tensor) -> torch.Tensor:

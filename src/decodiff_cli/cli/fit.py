@@ -277,7 +277,8 @@ def _describe_map(m, alignment: dict[str, float] | None = None) -> str:
         text += f"; decoder-feature term, clip {m.feature_clip}"
     if m.novelty:
         text += (f"; novelty term at weight {m.novelty_weight:.2f} ({m.novelty_bank} normal vectors per class, "
-                 f"clip {m.novelty_clip}" + ("" if m.novelty_windows == [3] else f", windows {m.novelty_windows}") + ")")
+                 f"clip {m.novelty_clip}" + ("" if m.novelty_windows == [3] else f", windows {m.novelty_windows}")
+                 + (", and at each position" if m.novelty_positions else "") + ")")
     if m.shifted_view:
         text += "; shifted view for unaligned classes"
     text += f"; image score: mean of the top {m.score_top_fraction:.1%}" if m.score_top_fraction else "; image score: maximum"
