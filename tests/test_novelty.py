@@ -342,3 +342,22 @@ def test_a_model_with_the_positions_fits_stores_them_and_scores(invoke, tmp_path
     bundle_mod._save_tensors(copy / NORMAL_LATENTS, {CATEGORY: banks[CATEGORY]})
     with pytest.raises(BundleError, match=f"{CATEGORY}/positions"):
         load_normal_latents(read_bundle(copy, verify=False))
+
+
+def test_each_class_is_measured_against_its_own_positions(novelty_bundle):
+    model = Detector.load(novelty_bundle, device="cpu").model
+    c = model.cfg.denoiser.latent_channels
+    near = torch.zeros(4, c)
+    model.cfg = dataclasses.replace(model.cfg, categories=["a", "b"],
+                                    anomaly_map=dataclasses.replace(model.cfg.anomaly_map, novelty_positions=True))
+    model.cfg.measured = dataclasses.replace(model.cfg.measured, novelty_scales={"a": [1.0, 1.0], "b": [1.0, 2.0]})
+    ones = torch.ones(c, 4, 4)
+    model.normal_latents = {"a": near, "b": near, "a/positions": torch.stack([0 * ones, ones]),
+                            "b/positions": torch.stack([3 * ones, ones])}
+    distances = model._novelty(torch.zeros(2, c, 4, 4), torch.tensor([0, 1]))
+    assert distances.shape == (2, 2, 4, 4)
+    assert torch.allclose(distances[0, 1], torch.zeros(4, 4))  # at a's mean
+    assert torch.allclose(distances[1, 1], torch.full((4, 4), 1.5))  # 3 spreads from b's mean, in b's unit of 2
+    del model.normal_latents["b/positions"]
+    with pytest.raises(ValueError, match="no normal latents for b"):
+        model._novelty(torch.zeros(2, c, 4, 4), torch.tensor([0, 1]))
