@@ -68,6 +68,14 @@ def test_further_windows_add_what_they_have_beyond_the_normal_range():
     second = torch.tensor([0.9, 1.3, 1.2, 1.5]).view(1, 1, 1, 4)  # below 1: nothing; 1.3: .3 beyond it
     both = novelty_discrepancy(torch.cat([distances, second], dim=1), 2.0, 0.0, (1, 4))
     assert torch.allclose(both, torch.tensor([0.25, 0.75, 0.95, 1.0]).view(1, 1, 1, 4))  # added, at most 1
+    at_place = torch.tensor([0.9, 1.5, 2.0, 1.0]).view(1, 1, 1, 4)  # the per-position view: at half weight
+    with_positions = novelty_discrepancy(torch.cat([distances, at_place], dim=1), 2.0, 0.0, (1, 4), positions=True)
+    assert torch.allclose(with_positions, torch.tensor([0.25, 0.70, 1.0, 1.0]).view(1, 1, 1, 4))
+    spot = torch.zeros(1, 2, 9, 9)
+    spot[0, 1, 4, 4] = 2.0  # a one-place hole seen only at its position: blurred half as much as the term
+    sharp = novelty_discrepancy(spot, 2.0, 1.0, (9, 9), positions=True)[0, 0]
+    blunt = novelty_discrepancy(spot, 2.0, 1.0, (9, 9))[0, 0]  # the same channel read as a further window
+    assert sharp[4, 4] > 1.5 * blunt[4, 4] and sharp[4, 6] < blunt[4, 6]
 
 
 def test_bank_is_seeded_and_drawn_from_the_images():

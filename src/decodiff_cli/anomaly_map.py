@@ -127,16 +127,34 @@ def feature_discrepancy(levels: list[torch.Tensor], scales: torch.Tensor, clip: 
     return torch.stack(terms).mean(dim=0)
 
 
-def novelty_discrepancy(distances: torch.Tensor, clip: float, sigma: float, size: tuple[int, int]) -> torch.Tensor:
-    """(N, windows, h, w) nearest-normal distances in units of their normal scale -> (N, 1, H, W)
+# The per-position view (MapConfig.novelty_positions) is added at half weight and half the
+# blur: sharp enough for one-latent-pixel holes, light enough not to light up the normal
+# parts of large defects (docs/results.md, "The normal latent at each position").
+POSITIONS_WEIGHT = 0.5
+POSITIONS_BLUR = 0.5  # of the term's own blur
+
+
+def _beyond_normal(distances: torch.Tensor, clip: float) -> torch.Tensor:
+    """What (N, k, h, w) distances in normal units have beyond 1 (where 1% of normal places reach), in [0, 1]."""
+    return ((distances - 1) / (clip - 1)).clamp(0, 1)
+
+
+def novelty_discrepancy(distances: torch.Tensor, clip: float, sigma: float, size: tuple[int, int],
+                        positions: bool = False) -> torch.Tensor:
+    """(N, windows [+ 1], h, w) nearest-normal distances in units of their normal scale -> (N, 1, H, W)
     in [0, 1]: the first window's clipped, plus what each further window has beyond the normal
-    range (1 unit, where 1% of normal places reach), so that normal places keep the first
-    window's value; blurred like the latent term, upsampled to image size."""
-    term = distances[:, :1].clamp(0, clip) / clip
-    if distances.shape[1] > 1:
-        beyond = ((distances[:, 1:] - 1) / (clip - 1)).clamp(0, 1).sum(dim=1, keepdim=True)
-        term = (term + beyond).clamp(max=1)
+    range, so that normal places keep the first window's value; blurred like the latent term.
+    With ``positions`` the last channel is the distance from the normal latent at each place:
+    what it has beyond the normal range is added after the blur, with POSITIONS_WEIGHT and
+    POSITIONS_BLUR. Upsampled to image size."""
+    windows = distances[:, :-1] if positions else distances
+    term = windows[:, :1].clamp(0, clip) / clip
+    if windows.shape[1] > 1:
+        term = (term + _beyond_normal(windows[:, 1:], clip).sum(dim=1, keepdim=True)).clamp(max=1)
     term = gaussian_blur(term, sigma)
+    if positions:
+        sharp = gaussian_blur(_beyond_normal(distances[:, -1:], clip), POSITIONS_BLUR * sigma)
+        term = (term + POSITIONS_WEIGHT * sharp).clamp(max=1)
     return F.interpolate(term, size=size, mode="bilinear", align_corners=False)
 
 
@@ -153,8 +171,8 @@ def combine(terms: list[torch.Tensor], how: str) -> torch.Tensor:
 class MapInputs:
     """What one batch offers the map. The decoded images are needed by the pixel term only;
     the (N, 2, h, w) normal reference by the latent term when the map has one; the per-level
-    feature differences and their (N, levels) scales by the feature term; the (N, windows, h, w)
-    nearest-normal distances, in units of their normal scale, by the novelty term."""
+    feature differences and their (N, levels) scales by the feature term; the (N, windows [+ 1], h, w)
+    nearest-normal distances (and the per-position one), in units of their normal scale, by the novelty term."""
 
     z0: torch.Tensor  # (N, C, h, w) the input's latent
     z0_hat: torch.Tensor  # its correction
@@ -188,7 +206,7 @@ def _feature_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
 def _novelty_term(x: MapInputs, cfg: MapConfig) -> torch.Tensor:
     if x.novelty is None:
         raise ValueError("the map's novelty term needs the nearest-normal distances and the normal latents from fit time")
-    return novelty_discrepancy(x.novelty, cfg.novelty_clip, cfg.latent_sigma, x.size)
+    return novelty_discrepancy(x.novelty, cfg.novelty_clip, cfg.latent_sigma, x.size, cfg.novelty_positions)
 
 
 # The correction map's terms (MapConfig.correction_terms says which are in use): a new term

@@ -179,9 +179,9 @@ class MapConfig:
     # one latent pixel, which the 3x3 average dilutes ninefold, keeps its full distance.
     novelty_windows: list[int] = field(default_factory=lambda: [3])
     # Also each single latent vector against the normal mean and spread at its own position
-    # (novelty.position_statistics), adding what it has beyond its normal range like a further
-    # window: sharp on defects of a latent pixel or two that look like normal texture found
-    # elsewhere (docs/results.md, "The normal latent at each position").
+    # (novelty.position_statistics), adding what it has beyond its normal range
+    # (anomaly_map.novelty_discrepancy): sharp on defects of a latent pixel or two that look
+    # like normal texture found elsewhere (docs/results.md, "The normal latent at each position").
     novelty_positions: bool = False
     # Beyond the paper: the image score is the mean of the map over its highest
     # ``score_top_fraction`` of pixels; 0 is the map's maximum (the paper's). A mean over
