@@ -299,11 +299,24 @@ def test_a_hole_that_matches_normal_texture_elsewhere_stands_out_at_its_own_posi
     bank, owner = normal_bank(lambda rows: latents[rows], torch.arange(8), size=512, windows=[1])
     anywhere = nearest_distance(test, bank, windows=[1])[0, 0] / novelty_scale(latents, torch.arange(8), bank, owner, [1])
     statistics = position_statistics(lambda rows: latents[rows], torch.arange(8))
-    assert statistics.shape == (2, 4, 8, 8) and torch.allclose(statistics[0], latents.mean(dim=0))
+    assert statistics.shape == (5, 4, 8, 8) and torch.allclose(statistics[0], latents.mean(dim=0))
     at_place = position_distance(test, statistics)[0] / position_scale(latents, statistics, 8)
     assert anywhere[4, 4] < 1.5  # the nearest normal vector, in the corner, is close: not novel
     assert at_place[4, 4] == at_place.max() and at_place[4, 4] > 3  # far from what is normal there
     assert at_place[0, 0] < 1  # the dark corner is normal in its place
+
+
+def test_the_positions_see_an_unusual_direction_not_only_a_large_deviation():
+    from decodiff_cli.novelty import position_distance, position_statistics
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(200, 1, 4, 4, generator=g)
+    latents = torch.cat([t, t, 0.1 * torch.randn(200, 2, 4, 4, generator=g)], dim=1)  # channels 0 and 1 move together
+    statistics = position_statistics(lambda rows: latents[rows], torch.arange(200))
+    along, across = torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 4, 4)
+    along[:, :2] = 1.0  # as normal images vary
+    across[:, 0], across[:, 1] = 1.0, -1.0  # the same size per channel, against the normal variation
+    assert (position_distance(across, statistics) > 1.5 * position_distance(along, statistics)).all()
 
 
 def test_the_positions_unit_leaves_each_image_out_of_the_mean():
@@ -338,7 +351,7 @@ def test_a_model_with_the_positions_fits_stores_them_and_scores(invoke, tmp_path
     assert len(scales) == 2 and all(s > 0 for s in scales)
     stored = load_normal_latents(bundle)[f"{CATEGORY}/positions"]
     c = bundle.config.denoiser.latent_channels
-    assert stored.shape[:2] == (2, c) and tuple(stored.shape[2:]) == bundle.config.denoiser.latent_shape
+    assert stored.shape[:2] == (c + 1, c) and tuple(stored.shape[2:]) == bundle.config.denoiser.latent_shape
     detector = Detector.load(tmp_path / "model", device="cpu")
     with_positions = list(detector.predict(test_images[:2]))
     assert all(p.error is None and 0 <= p.score <= 1 for p in with_positions)
@@ -360,8 +373,9 @@ def test_each_class_is_measured_against_its_own_positions(novelty_bundle):
                                     anomaly_map=dataclasses.replace(model.cfg.anomaly_map, novelty_positions=True))
     model.cfg.measured = dataclasses.replace(model.cfg.measured, novelty_scales={"a": [1.0, 1.0], "b": [1.0, 2.0]})
     ones = torch.ones(c, 4, 4)
-    model.normal_latents = {"a": near, "b": near, "a/positions": torch.stack([0 * ones, ones]),
-                            "b/positions": torch.stack([3 * ones, ones])}
+    identity = torch.eye(c)[:, :, None, None].expand(c, c, 4, 4)  # unit spread in every direction
+    model.normal_latents = {"a": near, "b": near, "a/positions": torch.cat([0 * ones[None], identity]),
+                            "b/positions": torch.cat([3 * ones[None], identity])}
     distances = model._novelty(torch.zeros(2, c, 4, 4), torch.tensor([0, 1]))
     assert distances.shape == (2, 2, 4, 4)
     assert torch.allclose(distances[0, 1], torch.zeros(4, 4))  # at a's mean

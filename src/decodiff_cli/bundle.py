@@ -221,7 +221,7 @@ def load_reference(bundle: Bundle) -> torch.Tensor | None:
 
 def load_normal_latents(bundle: Bundle) -> dict[str, torch.Tensor] | None:
     """Per class name, the (M, C) normal latent vectors of the map's novelty term, and under
-    "<name>/positions" its (2, C, h, w) per-position statistics when the map uses them."""
+    "<name>/positions" its (C + 1, C, h, w) per-position statistics when the map uses them."""
     cfg = bundle.config
     if not cfg.anomaly_map.novelty:
         return None
@@ -239,9 +239,10 @@ def load_normal_latents(bundle: Bundle) -> dict[str, torch.Tensor] | None:
         keys += [f"{name}/positions" for name in cfg.categories]
         c = cfg.denoiser.latent_channels
         wrong = [key for key in keys[len(cfg.categories):]
-                 if key not in banks or banks[key].ndim != 4 or tuple(banks[key].shape[:2]) != (2, c)]
+                 if key not in banks or banks[key].ndim != 4 or tuple(banks[key].shape[:2]) != (c + 1, c)]
         if wrong:
-            raise BundleError(f"{file}: expected a (2, {c}, h, w) tensor for each of {', '.join(wrong)}")
+            raise BundleError(f"{file}: expected a ({c + 1}, {c}, h, w) tensor for each of {', '.join(wrong)} "
+                              "(a mean and a whitening matrix per position; refit a model from an earlier development version)")
     return {key: banks[key].float() for key in keys}
 
 

@@ -178,7 +178,7 @@ class MapConfig:
     # it has beyond its normal range (anomaly_map.novelty_discrepancy). 1 after 3: a defect of
     # one latent pixel, which the 3x3 average dilutes ninefold, keeps its full distance.
     novelty_windows: list[int] = field(default_factory=lambda: [3])
-    # Also each single latent vector against the normal mean and spread at its own position
+    # Also each single latent vector against the normal mean and covariance at its own position
     # (novelty.position_statistics), adding what it has beyond its normal range
     # (anomaly_map.novelty_discrepancy): sharp on defects of a latent pixel or two that look
     # like normal texture found elsewhere (docs/results.md, "The normal latent at each position").

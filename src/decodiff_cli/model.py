@@ -104,7 +104,7 @@ class DecoDiffModel:
         self.abar = alpha_bars(cfg.schedule.num_timesteps, cfg.schedule.kind)
         self.reference = reference  # (classes, 2, h, w): see anomaly_map.normal_reference
         # per class name, (M, C) neighbourhood vectors of normal latents (novelty.normal_bank), and
-        # under "<name>/positions" its (2, C, h, w) per-position statistics (novelty.position_statistics)
+        # under "<name>/positions" its (C + 1, C, h, w) per-position statistics (novelty.position_statistics)
         self.normal_latents = {name: bank.to(self.device, torch.float32) for name, bank in (normal_latents or {}).items()}
 
     def _autocast(self):

@@ -13,7 +13,7 @@ feature term.
 
 The nearest normal vector may come from anywhere, so a dark hole next to a dark normal
 spot elsewhere looks normal. ``MapConfig.novelty_positions`` adds a place-bound view: each
-single latent vector against the normal mean and spread at its own position
+single latent vector against the normal mean and covariance at its own position
 (``position_statistics``), which sees a one-pixel hole where the 3x3 average does not.
 """
 
@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 import torch
 from torch.nn import functional as F
 
-from decodiff_cli.anomaly_map import gaussian_blur
 
 DISTANCES_PER_CHUNK = 2**24  # query x bank distances computed at once: 64 MiB of floats
 BANK_BLOCK_CPU = 512  # bank vectors per distance block on a CPU: 1,024 queries x 512 = 2 MiB
@@ -40,32 +39,49 @@ def neighbourhood(z: torch.Tensor, windows: Sequence[int] = (3,)) -> torch.Tenso
                       for k in windows], dim=1)
 
 
+# The normal spread at each position: its own covariance across the training images, shrunk a
+# quarter towards the covariance pooled over positions (a few hundred images estimate it
+# noisily) and then half towards the same variance in every direction, so that an unusual
+# direction and a large deviation both count (docs/results.md, "The covariance at each position").
+POSITION_POOLING = 0.25
+POSITION_ISOTROPY = 0.5
+
+
 def position_statistics(latents_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """The normal images ``images`` (N,) ids, read in groups through ``latents_of`` -> (2, C, h, w):
-    the mean latent at each position and its spread across the images, blurred a little (a
-    few hundred images give noisy per-position statistics) and floored by its mean over all
-    channels and positions, so that places that never vary do not explode."""
-    total = squares = None
+    """The normal images ``images`` (N,) ids, read in groups through ``latents_of`` ->
+    (C + 1, C, h, w): the mean latent at each position, then the position's whitening matrix
+    W (C, C), for which W (z - mean) has unit covariance under the normal spread there
+    (its covariance shrunk by POSITION_POOLING and POSITION_ISOTROPY)."""
+    total = outer = None
     for ids in images.split(64):
-        z = latents_of(ids).float()
+        z = latents_of(ids).double()
+        shape = z.shape[1:]
+        z = z.flatten(2)  # (n, C, positions)
         total = z.sum(dim=0) if total is None else total + z.sum(dim=0)
-        squares = z.pow(2).sum(dim=0) if squares is None else squares + z.pow(2).sum(dim=0)
-    n = len(images)
-    mean = total / n
-    spread = ((squares - n * mean.pow(2)).clamp_min(0) / max(n - 1, 1)).sqrt()
-    spread = gaussian_blur(spread[:, None], 1.0)[:, 0]
-    return torch.stack([mean, spread + spread.mean() + 1e-6])
+        products = torch.einsum("ncp,ndp->pcd", z, z)
+        outer = products if outer is None else outer + products
+    c, h, w = shape
+    mean = total / len(images)
+    covariance = outer / len(images) - torch.einsum("cp,dp->pcd", mean, mean)  # (positions, C, C)
+    pooled = covariance.mean(dim=0)
+    level = max(float(torch.diagonal(pooled).mean()), 1e-6)
+    spread = ((1 - POSITION_ISOTROPY) * ((1 - POSITION_POOLING) * covariance + POSITION_POOLING * pooled)
+              + POSITION_ISOTROPY * level * torch.eye(c, dtype=covariance.dtype))
+    whitening = torch.linalg.inv(torch.linalg.cholesky(spread))  # W spread W^T = I
+    whitening = whitening.reshape(h, w, c, c).permute(2, 3, 0, 1)
+    return torch.cat([mean.reshape(1, c, h, w), whitening]).float()
 
 
 def position_distance(z: torch.Tensor, statistics: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C, h, w) latents -> (N, h, w): each vector's root mean square deviation from the
-    normal mean at its position, in units of the normal spread there (``position_statistics``).
+    normal mean at its position, whitened by the normal spread there (``position_statistics``).
     ``mean`` (N, C, h, w), when given, replaces the stored mean (a normal image left out of it)."""
-    if tuple(z.shape[1:]) != tuple(statistics.shape[1:]):
+    if tuple(z.shape[1:]) != tuple(statistics.shape[1:]) or len(statistics) != z.shape[1] + 1:
         raise ValueError(f"the normal position statistics are for {tuple(statistics.shape[1:])} latents, "
                          f"these are {tuple(z.shape[1:])}")
     centre = statistics[0] if mean is None else mean
-    return ((z.float() - centre) / statistics[1]).pow(2).mean(dim=1).sqrt()
+    white = torch.einsum("ijhw,njhw->nihw", statistics[1:], z.float() - centre)
+    return white.pow(2).mean(dim=1).sqrt()
 
 
 def position_scale(latents: torch.Tensor, statistics: torch.Tensor, images: int) -> float:
