@@ -181,7 +181,7 @@ class MapConfig:
     # Also each single latent vector against the normal mean and covariance at its own position
     # (novelty.position_statistics), adding what it has beyond its normal range
     # (anomaly_map.novelty_discrepancy): sharp on defects of a latent pixel or two that look
-    # like normal texture found elsewhere (docs/results.md, "The normal latent at each position").
+    # like normal texture found elsewhere (docs/results.md, "The covariance at each position").
     novelty_positions: bool = False
     # Beyond the paper: the image score is the mean of the map over its highest
     # ``score_top_fraction`` of pixels; 0 is the map's maximum (the paper's). A mean over
