@@ -322,6 +322,18 @@ def test_a_group_of_one_is_the_identity_and_the_timeout_is_checked(monkeypatch):
             timeout_seconds()
 
 
+@pytest.mark.parametrize("code, left", [(None, [0]), (0, [0]), (1, [1]), (3, [3]), (2, []), (130, [])])
+def test_a_launched_run_that_finished_leaves_with_its_code_past_finalisation(monkeypatch, code, left):
+    from decodiff_cli import console, distributed
+
+    assert set(distributed.FINISHED) == {None, console.EXIT_OK, console.EXIT_ANOMALY, console.EXIT_INPUTS_FAILED}
+    exits = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(os, "_exit", exits.append)
+    distributed.leave_launch(code)
+    assert exits == left  # a usage error or an interruption returns, to exit the usual way
+
+
 @pytest.mark.parametrize("world_size, argv, left", [
     ("2", ["--version"], [0]),  # launched, succeeded: leaves at once, past the interpreter's finalisation
     ("2", ["info", "no-such-bundle"], []),  # launched, failed: exits the usual way with its code

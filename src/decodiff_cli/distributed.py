@@ -171,17 +171,23 @@ def end_process_group_at_exit() -> None:
     atexit.register(_end_process_group)  # registering twice is harmless: the second call finds none
 
 
+# Exit codes of a run that finished its work (console.EXIT_OK, EXIT_ANOMALY, EXIT_INPUTS_FAILED):
+# every process reaches them together, after its outputs are written.
+FINISHED = (None, 0, 1, 3)
+
+
 def leave_launch(code: object) -> None:
-    """Called as a command exits with ``code``: inside a launch, after a success, end the
-    process group and leave at once. Even destroyed, gloo can abort the interpreter's
-    finalisation (pytorch/pytorch#190489) after every output is written and closed; a
-    failure takes the usual path, where the launcher stops the other processes anyway."""
-    if code not in (None, 0) or not launched():
+    """Called as a command exits with ``code``: inside a launch, after a run that finished,
+    end the process group and leave at once with that code. Even destroyed, gloo can abort
+    the interpreter's finalisation (pytorch/pytorch#190489), which would replace the code by
+    SIGABRT; a usage error or an interruption takes the usual path, where the launcher stops
+    the other processes anyway."""
+    if code not in FINISHED or not launched():
         return
     _end_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code or 0)
 
 
 def _end_process_group() -> None:
