@@ -127,11 +127,10 @@ def feature_discrepancy(levels: list[torch.Tensor], scales: torch.Tensor, clip: 
     return torch.stack(terms).mean(dim=0)
 
 
-# The per-position view (MapConfig.novelty_positions) is added at half weight and half the
-# blur: sharp enough for one-latent-pixel holes, light enough not to light up the normal
-# parts of large defects (docs/results.md, "The normal latent at each position").
+# The per-position view (MapConfig.novelty_positions) is added at half weight and not
+# blurred: sharp enough for one-latent-pixel holes, light enough not to light up the normal
+# parts of large defects (docs/results.md, "The covariance at each position").
 POSITIONS_WEIGHT = 0.5
-POSITIONS_BLUR = 0.5  # of the term's own blur
 
 
 def _beyond_normal(distances: torch.Tensor, clip: float) -> torch.Tensor:
@@ -145,16 +144,15 @@ def novelty_discrepancy(distances: torch.Tensor, clip: float, sigma: float, size
     in [0, 1]: the first window's clipped, plus what each further window has beyond the normal
     range, so that normal places keep the first window's value; blurred like the latent term.
     With ``positions`` the last channel is the distance from the normal latent at each place:
-    what it has beyond the normal range is added after the blur, with POSITIONS_WEIGHT and
-    POSITIONS_BLUR. Upsampled to image size."""
+    what it has beyond the normal range is added after the blur, unblurred, with
+    POSITIONS_WEIGHT. Upsampled to image size."""
     windows = distances[:, :-1] if positions else distances
     term = windows[:, :1].clamp(0, clip) / clip
     if windows.shape[1] > 1:
         term = (term + _beyond_normal(windows[:, 1:], clip).sum(dim=1, keepdim=True)).clamp(max=1)
     term = gaussian_blur(term, sigma)
     if positions:
-        sharp = gaussian_blur(_beyond_normal(distances[:, -1:], clip), POSITIONS_BLUR * sigma)
-        term = (term + POSITIONS_WEIGHT * sharp).clamp(max=1)
+        term = (term + POSITIONS_WEIGHT * _beyond_normal(distances[:, -1:], clip)).clamp(max=1)
     return F.interpolate(term, size=size, mode="bilinear", align_corners=False)
 
 
