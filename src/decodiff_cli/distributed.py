@@ -22,6 +22,8 @@ import sys
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
+from decodiff_cli.console import EXIT_ANOMALY, EXIT_INPUTS_FAILED, EXIT_OK
+
 T = TypeVar("T")
 
 TIMEOUT_ENV = "DECODIFF_DIST_TIMEOUT"
@@ -171,9 +173,9 @@ def end_process_group_at_exit() -> None:
     atexit.register(_end_process_group)  # registering twice is harmless: the second call finds none
 
 
-# Exit codes of a run that finished its work (console.EXIT_OK, EXIT_ANOMALY, EXIT_INPUTS_FAILED):
-# every process reaches them together, after its outputs are written.
-FINISHED = (None, 0, 1, 3)
+# Exit codes of a run that finished its work: every process reaches them together, after its
+# outputs are written (None: click's plain return).
+FINISHED = (None, EXIT_OK, EXIT_ANOMALY, EXIT_INPUTS_FAILED)
 
 
 def leave_launch(code: object) -> None:

@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 import torch
 from torch.nn import functional as F
 
-
 DISTANCES_PER_CHUNK = 2**24  # query x bank distances computed at once: 64 MiB of floats
 BANK_BLOCK_CPU = 512  # bank vectors per distance block on a CPU: 1,024 queries x 512 = 2 MiB
 POOL_PER_BANK_VECTOR = 8  # candidates drawn per bank vector before the covering selection

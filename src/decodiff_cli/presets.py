@@ -32,7 +32,7 @@ def _cpu() -> ModelConfig:
         # 2:1) and the top-1% score each measured better with small autoencoders on the
         # same weights; the figures are in docs/results.md.
         # The novelty term also at each position: the tiles' blowholes and bottle's small breaks
-        # rise above the trivial baseline (docs/results.md, "The normal latent at each position").
+        # rise above the trivial baseline (docs/results.md, "The covariance at each position").
         anomaly_map=MapConfig(combine="arithmetic", reference="auto", features=True, novelty=True,
                               novelty_weight=2 / 3, novelty_positions=True, score_top_fraction=0.01),
         # Two model calls (t = 8, 0) instead of five: within .001 of five on every metric on
